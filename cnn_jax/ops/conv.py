@@ -31,9 +31,6 @@ from jax import lax
 from cnn_jax.ops import shapes
 from cnn_jax.ops import conv_grads
 
-_SPATIAL = {1: 'W', 2: 'HW', 3: 'DHW'}
-
-
 class ConvSpec(NamedTuple):
   """Static description of one convolution (hashable, so it can key jit caches)."""
   nd: int
@@ -52,13 +49,6 @@ class ConvSpec(NamedTuple):
         shapes.stride_remainder(n, shapes.effective_kernel(k, d), s, lo, hi)
         for n, k, s, (lo, hi), d in zip(self.in_spatial, self.kernel, self.stride,
                                          self.padding, self.dilation))
-
-
-def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
-  """Channels-last layouts: (N, *spatial, C), (*k, I, O), (N, *spatial, C)."""
-  sp = _SPATIAL[nd]
-  return lax.conv_dimension_numbers(
-      (1,) * (nd + 2), (1,) * (nd + 2), (f'N{sp}C', f'{sp}IO', f'N{sp}C'))
 
 
 def make_spec(x_shape, w_shape, *, stride=1, padding='VALID', dilation=1, groups=1,
@@ -111,35 +101,16 @@ def forward(x, w, spec: ConvSpec):
   """Y = X (*) W: cross-correlation with stride, padding, dilation and groups."""
   return lax.conv_general_dilated(
       x, w, window_strides=spec.stride, padding=spec.padding,
-      rhs_dilation=spec.dilation, dimension_numbers=dimension_numbers(spec.nd),
+      rhs_dilation=spec.dilation, dimension_numbers=conv_grads.dimension_numbers(spec.nd),
       feature_group_count=spec.groups)
 
 
-def rotate_kernel(w, nd: int, groups: int = 1):
-  """rot180 over the spatial axes, input/output channels swapped per group.
-
-  w (*k, C_in/g, C_out) -> (*k, C_out/g, C_in): the kernel that maps dL/dY back
-  onto dL/dX.
-  """
-  k = w.shape[:nd]
-  c_in_g, c_out = w.shape[-2], w.shape[-1]
-  w = jnp.flip(w, axis=tuple(range(nd)))
-  w = w.reshape(*k, c_in_g, groups, c_out // groups)
-  w = jnp.moveaxis(w, nd, nd + 2)          # (*k, g, C_out/g, C_in/g)
-  w = jnp.swapaxes(w, nd, nd + 1)          # (*k, C_out/g, g, C_in/g)
-  return w.reshape(*k, c_out // groups, groups * c_in_g)
-
-
 def input_grad(dy, w, spec: ConvSpec):
-  """dL/dX = dilate_S(dL/dY) (*) rot180(W)^T, padded (F_eff-1-lo, F_eff-1-hi+r)."""
-  pads = []
-  for k, d, (lo, hi), r in zip(spec.kernel, spec.dilation, spec.padding, spec.remainder):
-    k_eff = shapes.effective_kernel(k, d)
-    pads.append((k_eff - 1 - lo, k_eff - 1 - hi + r))
-  return lax.conv_general_dilated(
-      dy, rotate_kernel(w, spec.nd, spec.groups), window_strides=(1,) * spec.nd,
-      padding=pads, lhs_dilation=spec.stride, rhs_dilation=spec.dilation,
-      dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
+  """dL/dX = dilate_S(dL/dY) (*) rot180(W)^T, padded (F_eff-1-lo, F_eff-1-hi+r).
+
+  The formulation is picked by `conv_grads.input_grad` from the shape class.
+  """
+  return conv_grads.input_grad(dy, w, spec)
 
 
 def weight_grad(x, dy, spec: ConvSpec):
@@ -215,7 +186,7 @@ def true_convolution(x, w, **kwargs):
 
 def _swap_io(w, nd: int, groups: int):
   """(*k, C_in/g, C_out) -> (*k, C_out/g, C_in) without flipping."""
-  return jnp.flip(rotate_kernel(w, nd, groups), axis=tuple(range(nd)))
+  return jnp.flip(conv_grads.rotate_kernel(w, nd, groups), axis=tuple(range(nd)))
 
 
 def transpose_spec(x_shape, w_shape, *, stride, padding, dilation, groups,

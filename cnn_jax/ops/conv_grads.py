@@ -1,10 +1,13 @@
-"""Formulations of the convolution weight gradient, all computing exactly
+"""Formulations of the two convolution gradients. Each computes exactly
 
+    dX = dilate_S(dY) (*) rot180(W)^T, padded (F_eff-1-P_lo, F_eff-1-P_hi+r)
     dW[t, i, o] = sum_{n, p} Xpad[n, p*S + t*D, i] * dY[n, p, o]
 
-(the correlation of the input with the output gradient, summed over batch and
-positions: the shared-weight rule of seed 004). They differ only in how the sum
-is laid out for the hardware; `weight_grad` picks one by shape class.
+(seed 004: the input gradient is a convolution with the flipped filter; the
+weight gradient is the correlation of the input with the output gradient,
+summed over batch and positions, the shared-weight rule). Formulations differ
+only in how the sums are laid out for the hardware; `input_grad` and
+`weight_grad` pick one by a fixed rule on the shape class.
 """
 from __future__ import annotations
 
@@ -14,6 +17,40 @@ from jax import lax
 from cnn_jax.ops import shapes
 
 _SPATIAL = {1: 'W', 2: 'HW', 3: 'DHW'}
+
+
+def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
+  """Channels-last layouts: (N, *spatial, C), (*k, I, O), (N, *spatial, C)."""
+  sp = _SPATIAL[nd]
+  return lax.conv_dimension_numbers(
+      (1,) * (nd + 2), (1,) * (nd + 2), (f'N{sp}C', f'{sp}IO', f'N{sp}C'))
+
+
+def rotate_kernel(w, nd: int, groups: int = 1):
+  """rot180 over the spatial axes, input/output channels swapped per group.
+
+  w (*k, C_in/g, C_out) -> (*k, C_out/g, C_in): the kernel that maps dL/dY back
+  onto dL/dX.
+  """
+  k = w.shape[:nd]
+  c_in_g, c_out = w.shape[-2], w.shape[-1]
+  w = jnp.flip(w, axis=tuple(range(nd)))
+  w = w.reshape(*k, c_in_g, groups, c_out // groups)
+  w = jnp.moveaxis(w, nd, nd + 2)          # (*k, g, C_out/g, C_in/g)
+  w = jnp.swapaxes(w, nd, nd + 1)          # (*k, C_out/g, g, C_in/g)
+  return w.reshape(*k, c_out // groups, groups * c_in_g)
+
+
+def input_grad_dilated(dy, w, spec):
+  """dL/dX = dilate_S(dL/dY) (*) rot180(W)^T, padded (F_eff-1-lo, F_eff-1-hi+r)."""
+  pads = []
+  for k, d, (lo, hi), r in zip(spec.kernel, spec.dilation, spec.padding, spec.remainder):
+    k_eff = shapes.effective_kernel(k, d)
+    pads.append((k_eff - 1 - lo, k_eff - 1 - hi + r))
+  return lax.conv_general_dilated(
+      dy, rotate_kernel(w, spec.nd, spec.groups), window_strides=(1,) * spec.nd,
+      padding=pads, lhs_dilation=spec.stride, rhs_dilation=spec.dilation,
+      dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
 
 
 def weight_grad_correlation(x, dy, spec):
@@ -68,6 +105,11 @@ def _all_taps(kernel):
   for k in kernel:
     taps = [t + (i,) for t in taps for i in range(k)]
   return taps
+
+
+def input_grad(dy, w, spec):
+  """dL/dX by the formulation chosen for this shape class (all exact)."""
+  return input_grad_dilated(dy, w, spec)
 
 
 def weight_grad(x, dy, spec):
