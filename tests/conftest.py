@@ -1,0 +1,16 @@
+"""Test setup: 8 virtual CPU devices for multi-device tests, float64 on demand."""
+import os
+
+# Must happen before jax initialises its backends.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+  """Run one test in float64 (for numerical gradient checks), then restore."""
+  with jax.enable_x64(True):
+    yield
