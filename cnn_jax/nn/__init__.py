@@ -1,0 +1,4 @@
+"""Thin flax.linen modules over `cnn_jax.ops`: layers hold config and params."""
+from cnn_jax.nn.conv import (Conv, ConvTranspose, DepthwiseConv, SeparableConv,
+                             SpatiallySeparableConv)
+from cnn_jax.nn.initializers import get_initializer
