@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
+from cnn_jax.ops import shapes
 from cnn_jax.ops.conv import conv as conv_op, conv_transpose as conv_transpose_op
 from cnn_jax.nn import initializers as inits
 
@@ -109,7 +110,8 @@ def _prepad(x, padding, kernel, dilation, layer: str):
     return x, padding
   mode = padding.upper()
   nd = len(kernel)
-  dilation = (dilation,) * nd if _is_int(dilation) else tuple(dilation)
+  dilation = shapes.as_tuple(dilation, nd, 'kernel_dilation', op=layer)
+  shapes.check_positive(dilation, 'kernel_dilation', op=layer)
   k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
   if mode == 'CAUSAL':
     if nd != 1:
@@ -364,8 +366,9 @@ class ConvTranspose(nn.Module):
   F_eff < S use output_padding = S - F_eff to match flax's W1 * S output).
   flax's explicit paddings mean padding of the dilated input, not of the conv
   being transposed, so they differ from ours. flax's default
-  transpose_kernel=False does not flip the kernel: it is this layer with the
-  kernel rotated by 180 degrees (for 'VALID').
+  transpose_kernel=False has our kernel layout (*k, C_in, features) but does
+  not rotate it: under the same conditions it equals this layer with the
+  kernel flipped in its spatial axes.
 
   Attributes:
     features: output channels (> 0).
