@@ -7,9 +7,20 @@
 weight gradient is the correlation of the input with the output gradient,
 summed over batch and positions, the shared-weight rule). Formulations differ
 only in how the sums are laid out for the hardware; `input_grad` and
-`weight_grad` pick one by a fixed rule on the shape class.
+`weight_grad` pick one by a fixed rule on the shape class (never by timing):
+
+  dW  1x1 kernel, groups == 1      -> weight_grad_gemm      (one GEMM)
+      k > 1, groups == 1           -> weight_grad_im2col    (blocked patch GEMMs)
+      groups > 1                   -> weight_grad_correlation (one XLA conv)
+  dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
+      otherwise                    -> input_grad_dilated    (the notes' formula;
+                                      XLA's own dX, already at PyTorch's speed)
+
+benchmarks/README.md has the measurements behind the rule.
 """
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -17,6 +28,11 @@ from jax import lax
 from cnn_jax.ops import shapes
 
 _SPATIAL = {1: 'W', 2: 'HW', 3: 'DHW'}
+
+# Bytes of patch matrix one step of weight_grad_im2col builds: small enough to
+# stay in cache while the GEMM reads it back (measured best at one 32x32x64
+# image, 2.4 MB, on this machine's 2 cores).
+IM2COL_BLOCK_BYTES = 4 << 20
 
 
 def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
@@ -41,6 +57,38 @@ def rotate_kernel(w, nd: int, groups: int = 1):
   return w.reshape(*k, c_out // groups, groups * c_in_g)
 
 
+def _all_taps(kernel):
+  taps = [()]
+  for k in kernel:
+    taps = [t + (i,) for t in taps for i in range(k)]
+  return taps
+
+
+def pad_input(x, spec):
+  return jnp.pad(x, [(0, 0)] + list(spec.padding) + [(0, 0)])
+
+
+def tap_slice(xpad, tap, spec, first_spatial_axis: int = 1):
+  """The strided view of Xpad that kernel tap `tap` multiplies: Xpad[p*S + t*D].
+
+  Spatial axes start at `first_spatial_axis` (1 for channels-last, 2 for
+  channels-first); the other axes are taken whole.
+  """
+  a = first_spatial_axis
+  start = [0] * xpad.ndim
+  limit = list(xpad.shape)
+  strides = [1] * xpad.ndim
+  for i, (t, d, o, s) in enumerate(zip(tap, spec.dilation, spec.out_spatial, spec.stride)):
+    start[a + i] = t * d
+    limit[a + i] = t * d + (o - 1) * s + 1
+    strides[a + i] = s
+  return lax.slice(xpad, start, limit, strides)
+
+
+# ----------------------------------------------------------------------------
+# dL/dX
+# ----------------------------------------------------------------------------
+
 def input_grad_dilated(dy, w, spec):
   """dL/dX = dilate_S(dL/dY) (*) rot180(W)^T, padded (F_eff-1-lo, F_eff-1-hi+r)."""
   pads = []
@@ -52,6 +100,89 @@ def input_grad_dilated(dy, w, spec):
       padding=pads, lhs_dilation=spec.stride, rhs_dilation=spec.dilation,
       dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
 
+
+def _phase(a, k, s, d, p_out, m_out):
+  """One spatial dimension of input_grad_phases for residue a = q mod S.
+
+  Returns (first tap, tap step, sub-kernel dilation, (pad_lo, pad_hi)) of the
+  stride-1 correlation of dY that yields dXpad[m*S + a] for m < m_out, or None
+  when no tap lands on residue a. Taps t with t*D = a (mod S) hit
+  dXpad[q] from dY[(q - t*D)/S]; they are evenly spaced, S/gcd(S, D) apart.
+  """
+  g = math.gcd(s, d)
+  first = next((t for t in range(k) if (t * d - a) % s == 0), None)
+  if first is None:
+    return None
+  step = s // g
+  count = len(range(first, k, step))
+  dil = d // g                          # consecutive taps read dY this far apart
+  j0 = (first * d - a) // s             # dY offset of the first tap
+  lo = j0 + (count - 1) * dil
+  return first, step, dil, (lo, m_out - p_out - j0)
+
+
+def input_grad_phases(dy, w, spec):
+  """dL/dX by sub-pixel phases: S^nd stride-1 convolutions, then interleave.
+
+  dilate_S(dY) is mostly zeros; output positions q = m*S + a with the same
+  residue a only ever meet the taps t with t*D = a (mod S), so each residue
+  class is one small correlation of the undilated dY with those taps (rotated,
+  channels swapped), and the classes interleave back into dXpad. Same sums as
+  input_grad_dilated, without the multiplications by inserted zeros.
+  """
+  nd = spec.nd
+  n = dy.shape[0]
+  c_in = w.shape[-2] * spec.groups
+  # (*k, C_out/g, C_in): channels swapped per group, not yet flipped.
+  v = jnp.flip(rotate_kernel(w, nd, spec.groups), axis=tuple(range(nd)))
+  l_pad = [sz + lo + hi for sz, (lo, hi) in zip(spec.in_spatial, spec.padding)]
+  m_out = [shapes.ceil_div(l, s) for l, s in zip(l_pad, spec.stride)]
+  phases = []
+  for a in _all_taps(spec.stride):        # every residue vector a in [0, S)^nd
+    dims = [_phase(ai, k, s, d, p, m) for ai, k, s, d, p, m in
+            zip(a, spec.kernel, spec.stride, spec.dilation, spec.out_spatial, m_out)]
+    if any(dm is None for dm in dims):
+      phases.append(jnp.zeros((n, *m_out, c_in), dy.dtype))
+      continue
+    sub = v[tuple(slice(f, None, st) for f, st, _, _ in dims)]
+    sub = jnp.flip(sub, axis=tuple(range(nd)))
+    phases.append(lax.conv_general_dilated(
+        dy, sub.astype(dy.dtype), window_strides=(1,) * nd,
+        padding=[p for _, _, _, p in dims], rhs_dilation=[dl for _, _, dl, _ in dims],
+        dimension_numbers=dimension_numbers(nd), feature_group_count=spec.groups))
+  # (S_1, ..., S_nd, N, *M, C) -> (N, M_1, S_1, ..., M_nd, S_nd, C) -> dXpad.
+  out = jnp.stack(phases).reshape(*spec.stride, n, *m_out, c_in)
+  perm = [nd] + [ax for i in range(nd) for ax in (nd + 1 + i, i)] + [2 * nd + 1]
+  out = out.transpose(perm).reshape(n, *[m * s for m, s in zip(m_out, spec.stride)], c_in)
+  crop = tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(spec.in_spatial, spec.padding))
+  return out[(slice(None),) + crop]
+
+
+def input_grad_gemm(dy, w, spec):
+  """1x1 kernels: dXpad[p*S] = dY[p] @ W^T (one GEMM), zeros elsewhere, cropped.
+
+  lax.pad puts each row at p*S (interior padding S-1) and crops the forward's
+  padding (negative low/high), all in one pass.
+  """
+  g = spec.groups
+  c_in_g, c_out = w.shape[-2], w.shape[-1]
+  lead = dy.shape[:-1]
+  if g == 1:
+    dx = (dy.reshape(-1, c_out) @ w.reshape(c_in_g, c_out).T.astype(dy.dtype))
+  else:
+    wg = w.reshape(c_in_g, g, c_out // g).astype(dy.dtype)
+    dx = jnp.einsum('mgo,igo->mgi', dy.reshape(-1, g, c_out // g), wg)
+  dx = dx.reshape(*lead, g * c_in_g)
+  cfg = [(0, 0, 0)]
+  for sz, (lo, _), s, p in zip(spec.in_spatial, spec.padding, spec.stride, spec.out_spatial):
+    cfg.append((-lo, sz + lo - ((p - 1) * s + 1), s - 1))
+  cfg.append((0, 0, 0))
+  return lax.pad(dx, jnp.zeros((), dx.dtype), cfg)
+
+
+# ----------------------------------------------------------------------------
+# dL/dW
+# ----------------------------------------------------------------------------
 
 def weight_grad_correlation(x, dy, spec):
   """One XLA convolution: the batch axis becomes the contracted "feature" axis.
@@ -70,21 +201,6 @@ def weight_grad_correlation(x, dy, spec):
       batch_group_count=spec.groups)
 
 
-def tap_slice(xpad, tap, spec):
-  """The strided view of Xpad that kernel tap `tap` multiplies: Xpad[p*S + t*D]."""
-  start = [0] + [t * d for t, d in zip(tap, spec.dilation)] + [0]
-  limit = ([xpad.shape[0]]
-           + [t * d + (o - 1) * s + 1 for t, d, o, s in
-              zip(tap, spec.dilation, spec.out_spatial, spec.stride)]
-           + [xpad.shape[-1]])
-  strides = [1] + list(spec.stride) + [1]
-  return lax.slice(xpad, start, limit, strides)
-
-
-def pad_input(x, spec):
-  return jnp.pad(x, [(0, 0)] + list(spec.padding) + [(0, 0)])
-
-
 def weight_grad_taps(x, dy, spec):
   """One GEMM per kernel tap: dW[t] = Xpad[tap t]^T @ dY over all N*positions."""
   g = spec.groups
@@ -100,18 +216,113 @@ def weight_grad_taps(x, dy, spec):
   return jnp.stack(taps).reshape(*spec.kernel, c_in // g, c_out)
 
 
-def _all_taps(kernel):
-  taps = [()]
-  for k in kernel:
-    taps = [t + (i,) for t in taps for i in range(k)]
-  return taps
+def _group_gemm(p, d, g):
+  """p (T, C_in, M), d (M, C_out) -> (T, C_in/g, C_out): per-group P_g @ dY_g."""
+  t, c_in, m = p.shape
+  c_out = d.shape[-1]
+  if g == 1:                   # the common case stays one plain 2-D GEMM
+    return (p.reshape(t * c_in, m) @ d).reshape(t, c_in, c_out)
+  pg = p.reshape(t, g, c_in // g, m)
+  dg = d.reshape(m, g, c_out // g)
+  out = jnp.einsum('tgim,mgo->tigo', pg, dg)
+  return out.reshape(t, c_in // g, c_out)
+
+
+def weight_grad_gemm(x, dy, spec):
+  """1x1 kernels: dW = Xpad[p*S]^T @ dY, one GEMM over all N*positions."""
+  (tap,) = _all_taps(spec.kernel)
+  xs = tap_slice(pad_input(x, spec), tap, spec)
+  c_in, c_out = x.shape[-1], dy.shape[-1]
+  p = xs.reshape(-1, c_in).T[None]
+  dw = _group_gemm(p, dy.reshape(-1, c_out), spec.groups)
+  return dw.reshape(*spec.kernel, c_in // spec.groups, c_out)
+
+
+def im2col_chunk(spec, batch: int, c_in: int, itemsize: int) -> int:
+  """Images per weight_grad_im2col step: the largest divisor of the batch whose
+  patch matrix fits IM2COL_BLOCK_BYTES (at least one image)."""
+  per_image = math.prod(spec.kernel) * c_in * math.prod(spec.out_spatial) * itemsize
+  best = 1
+  for c in range(1, batch + 1):
+    if batch % c == 0 and c * per_image <= IM2COL_BLOCK_BYTES:
+      best = c
+  return best
+
+
+def weight_grad_im2col(x, dy, spec, chunk: int | None = None):
+  """Blocked im2col: dW = sum over blocks of P_b @ dY_b, P_b the block's patches.
+
+  X is moved to channels-first once, so each block's patch matrix
+  P_b (T * C_in, chunk * positions) is a stack of tap slices with no transpose;
+  a lax.scan walks the batch `chunk` images at a time so P_b is built and
+  consumed while it is still in cache (the whole-batch patch matrix is T times
+  the input and would be written to and read back from memory).
+  """
+  n = x.shape[0]
+  c_in, c_out = x.shape[-1], dy.shape[-1]
+  taps = _all_taps(spec.kernel)
+  if chunk is None:
+    chunk = im2col_chunk(spec, n, c_in, x.dtype.itemsize)
+  if n % chunk:
+    raise ValueError(f'weight_grad_im2col: chunk {chunk} must divide the batch {n}.')
+  xt = jnp.moveaxis(pad_input(x, spec), -1, 1)          # (N, C_in, *Pin)
+  xs = xt.reshape(n // chunk, chunk, *xt.shape[1:])
+  ds = dy.reshape(n // chunk, chunk * math.prod(spec.out_spatial), c_out)
+
+  def step(acc, block):
+    xb, db = block                                     # (chunk, C_in, *Pin), (M, C_out)
+    p = jnp.stack([tap_slice(xb, t, spec, first_spatial_axis=2) for t in taps], 1)
+    p = jnp.moveaxis(p, 0, 2).reshape(len(taps), c_in, -1)   # (T, C_in, M)
+    return acc + _group_gemm(p, db, spec.groups).astype(acc.dtype), None
+
+  acc = jnp.zeros((len(taps), c_in // spec.groups, c_out), jnp.result_type(x, dy))
+  acc, _ = lax.scan(step, acc, (xs, ds))
+  return acc.reshape(*spec.kernel, c_in // spec.groups, c_out)
+
+
+# ----------------------------------------------------------------------------
+# The rule
+# ----------------------------------------------------------------------------
+
+INPUT_GRADS = {
+    'dilated': input_grad_dilated,
+    'phases': input_grad_phases,
+    'gemm': input_grad_gemm,
+}
+
+WEIGHT_GRADS = {
+    'correlation': weight_grad_correlation,
+    'taps': weight_grad_taps,
+    'gemm': weight_grad_gemm,
+    'im2col': weight_grad_im2col,
+}
+
+
+def _is_1x1(spec) -> bool:
+  return all(k == 1 for k in spec.kernel)
+
+
+def input_grad_rule(spec) -> str:
+  """Name of the dL/dX formulation for this shape class (see module docstring)."""
+  if _is_1x1(spec) and spec.groups == 1:
+    return 'gemm'
+  return 'dilated'
+
+
+def weight_grad_rule(spec) -> str:
+  """Name of the dL/dW formulation for this shape class (see module docstring)."""
+  if spec.groups > 1:
+    return 'correlation'
+  if _is_1x1(spec):
+    return 'gemm'
+  return 'im2col'
 
 
 def input_grad(dy, w, spec):
   """dL/dX by the formulation chosen for this shape class (all exact)."""
-  return input_grad_dilated(dy, w, spec)
+  return INPUT_GRADS[input_grad_rule(spec)](dy, w, spec)
 
 
 def weight_grad(x, dy, spec):
   """dL/dW by the formulation chosen for this shape class (all exact)."""
-  return weight_grad_correlation(x, dy, spec)
+  return WEIGHT_GRADS[weight_grad_rule(spec)](x, dy, spec)
