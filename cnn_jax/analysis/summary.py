@@ -73,7 +73,8 @@ def _pairs(v, nd):
 def _geometry(module: nn.Module, nd: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]:
   """(kernel, stride, dilation) of a windowed layer, read from its attributes."""
   kernel = getattr(module, 'kernel_size', None)
-  if kernel is None:
+  is_pool = kernel is None
+  if is_pool:
     kernel = getattr(module, 'window', None) or getattr(module, 'window_shape', None)
   if kernel is None:
     return None
@@ -81,7 +82,7 @@ def _geometry(module: nn.Module, nd: int) -> Optional[Tuple[Tuple[int, ...], Tup
   stride = getattr(module, 'strides', None)
   if stride is None:
     stride = getattr(module, 'stride', None)
-  if stride is None and hasattr(module, 'window'):
+  if stride is None and is_pool:
     stride = kernel          # pooling default: stride = window
   stride = _pairs(stride, nd)
   dilation = _pairs(getattr(module, 'kernel_dilation', None), nd)
