@@ -211,3 +211,28 @@ def receptive_field(layers: Sequence[Tuple[int, int, int]]) -> Tuple[int, int]:
     r += (k - 1) * d * j
     j *= s
   return r, j
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+  """'227,227,3' -> (227, 227, 3), with a clear error for anything else."""
+  try:
+    shape = tuple(int(v) for v in str(text).replace('x', ',').split(',') if v.strip())
+  except ValueError:
+    shape = ()
+  if not shape or any(v < 1 for v in shape):
+    raise ValueError(
+        f'input shape {text!r} is not a list of positive ints; write it as H,W,C '
+        f'(e.g. 224,224,3) or L,C for 1-D models.')
+  return shape
+
+
+def model_summary(name: str, input_shape: Optional[Sequence[int]] = None,
+                  num_classes: Optional[int] = None, print_table: bool = True):
+  """summary() of a registered model at its published (or a given) input shape."""
+  from cnn_jax import models  # pylint: disable=import-outside-toplevel
+  info = models.model_info(name)
+  model = models.get_model(name, num_classes=num_classes)
+  shape = tuple(input_shape) if input_shape else info.input_shape
+  if print_table:
+    print(f'{name} ({info.family}), input {"x".join(map(str, shape))}')
+  return summary(model, shape, print_table=print_table)
