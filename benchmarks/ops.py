@@ -65,6 +65,7 @@ class ConvCase(NamedTuple):
   c_out: int
   stride: int
   padding: str
+  groups: int = 1
 
 
 # Batch 32, the ResNet-style shapes named in the issue.
@@ -75,6 +76,9 @@ CONV_CASES = [
     ConvCase('32x32x64->128 3x3 s2', (32, 32, 32, 64), 3, 128, 2, 'SAME'),
     ConvCase('32x32x64->256 1x1', (32, 32, 32, 64), 1, 256, 1, 'VALID'),
     ConvCase('32x32x64->128 1x1 s2', (32, 32, 32, 64), 1, 128, 2, 'VALID'),
+    # Grouped and depthwise: XLA's weight gradient for these is a slow path.
+    ConvCase('32x32x64->64 3x3 g2', (32, 32, 32, 64), 3, 64, 1, 'SAME', 2),
+    ConvCase('32x32x64 3x3 depthwise', (32, 32, 32, 64), 3, 64, 1, 'SAME', 64),
 ]
 
 
@@ -144,9 +148,11 @@ def _conv_setup(case: ConvCase):
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   n, h, w_, c_in = case.x_shape
   x = jax.random.normal(k[0], case.x_shape, jnp.float32)
-  w = jax.random.normal(k[1], (case.kernel, case.kernel, c_in, case.c_out), jnp.float32)
-  w = w / math.sqrt(case.kernel * case.kernel * c_in)
-  spec = conv_mod.make_spec(x.shape, w.shape, stride=case.stride, padding=case.padding)
+  c_in_g = c_in // case.groups
+  w = jax.random.normal(k[1], (case.kernel, case.kernel, c_in_g, case.c_out), jnp.float32)
+  w = w / math.sqrt(case.kernel * case.kernel * c_in_g)
+  spec = conv_mod.make_spec(x.shape, w.shape, stride=case.stride, padding=case.padding,
+                            groups=case.groups)
   ct = jax.random.normal(k[2], (n, *spec.out_spatial, case.c_out), jnp.float32)
   return x, w, ct, spec
 
@@ -185,7 +191,8 @@ def _torch_conv_step(case: ConvCase, x, w, ct):
 
   def step():
     tx.grad = tw.grad = None
-    y = torch.nn.functional.conv2d(tx, tw, stride=case.stride, padding=pad)
+    y = torch.nn.functional.conv2d(tx, tw, stride=case.stride, padding=pad,
+                                   groups=case.groups)
     (y * tct).sum().backward()
     return tw.grad
   return step

@@ -9,9 +9,11 @@ summed over batch and positions, the shared-weight rule). Formulations differ
 only in how the sums are laid out for the hardware; `input_grad` and
 `weight_grad` pick one by a fixed rule on the shape class (never by timing):
 
-  dW  1x1 kernel, groups == 1      -> weight_grad_gemm      (one GEMM)
-      k > 1, groups == 1           -> weight_grad_im2col    (blocked patch GEMMs)
-      groups > 1                   -> weight_grad_correlation (one XLA conv)
+  dW  1x1 kernel                   -> weight_grad_gemm      (one GEMM per group)
+      1-D, groups == 1             -> weight_grad_correlation (one XLA conv: XLA's
+                                      own dW, which is fast in 1-D only)
+      otherwise (2-D/3-D k > 1, or -> weight_grad_im2col    (blocked patch GEMMs;
+      any grouped/depthwise conv)     XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
       otherwise                    -> input_grad_dilated    (the notes' formula;
                                       XLA's own dX, already at PyTorch's speed)
@@ -311,10 +313,10 @@ def input_grad_rule(spec) -> str:
 
 def weight_grad_rule(spec) -> str:
   """Name of the dL/dW formulation for this shape class (see module docstring)."""
-  if spec.groups > 1:
-    return 'correlation'
   if _is_1x1(spec):
     return 'gemm'
+  if spec.nd == 1 and spec.groups == 1:
+    return 'correlation'
   return 'im2col'
 
 
