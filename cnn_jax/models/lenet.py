@@ -180,6 +180,8 @@ class LeNet5(nn.Module):
       LECUN_C3_TABLE), or None for a full 6->16 conv.
     head: 'rbf' (fixed-code Euclidean RBF, logits = -distance^2) or 'dense'.
     c1_padding: 'VALID' for 32x32 inputs; 'SAME' runs 28x28 inputs unchanged.
+    filter_size: kernel of C1, C3 and C5; 5 in the paper. Tests use 3 at 18x18 (maps
+      16-8-6-3-1, the same pattern), because compile time grows with taps.
     conv: the conv layer (cnn_jax.nn.Conv or flax.linen.Conv).
     dtype: computation dtype.
   """
@@ -189,6 +191,7 @@ class LeNet5(nn.Module):
   c3_connections: Optional[Tuple[str, ...]] = None
   head: str = 'dense'
   c1_padding: Any = 'VALID'
+  filter_size: int = 5
   conv: ModuleDef = cnn.Conv
   dtype: Any = None
 
@@ -208,19 +211,20 @@ class LeNet5(nn.Module):
     if self.head not in ('rbf', 'dense'):
       raise ValueError(f"LeNet5: head must be 'rbf' or 'dense', got {self.head!r}.")
     act = ops.get_activation(self.activation)
-    conv = functools.partial(self.conv, kernel_size=(5, 5), dtype=self.dtype)
+    k = (self.filter_size, self.filter_size)
+    conv = functools.partial(self.conv, kernel_size=k, dtype=self.dtype)
     x = act(conv(6, padding=self.c1_padding, name='c1')(x))
     x = act(self._subsample('s2')(x))
     self.sow('intermediates', 'stage1', x)
     if self.c3_connections is None:
       x = conv(16, padding='VALID', name='c3')(x)
     else:
-      x = PartialConv(tuple(self.c3_connections), (5, 5), conv=self.conv,
+      x = PartialConv(tuple(self.c3_connections), k, conv=self.conv,
                       dtype=self.dtype, name='c3')(x)
     x = act(x)
     x = act(self._subsample('s4')(x))
     self.sow('intermediates', 'stage2', x)
-    # C5 is a 5x5 conv (a full layer on 5x5 maps, but a conv on larger inputs).
+    # C5 is a conv: a full layer on 5x5 maps, but still a conv on larger inputs.
     x = act(conv(120, padding='VALID', name='c5')(x))
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(84, dtype=self.dtype, name='f6')(x))
