@@ -2,7 +2,9 @@
 import flax.linen as nn
 import pytest
 
-from cnn_jax.analysis import count_params, receptive_field, summary
+import jax.numpy as jnp
+
+from cnn_jax.analysis import count_params, model_summary, parse_shape, receptive_field, summary
 from cnn_jax.nn import Conv
 
 
@@ -50,3 +52,35 @@ def test_count_params_separates_batch_stats():
   c = count_params(_TwoConvs(), (11, 11, 1))
   assert c.trainable == 40 + 148 + 8 + 148 + 170
   assert c.batch_stats == 8
+
+
+class _Branches(nn.Module):
+  """Two parallel branches read one concatenated input, like an Inception block."""
+  @nn.compact
+  def __call__(self, x, *, train):
+    a = Conv(2, 3, padding='SAME', name='a')(x)
+    b = Conv(2, 5, padding='SAME', name='b')(x)
+    x = jnp.concatenate([a, b], axis=-1)          # made outside any layer
+    c = Conv(2, 1, name='c')(x)
+    d = Conv(2, 3, padding='SAME', name='d')(x)
+    return nn.Dense(3, name='fc')(jnp.concatenate([c, d], -1).reshape(x.shape[0], -1))
+
+
+def test_receptive_field_through_concatenations_takes_the_deepest_path():
+  rows = summary(_Branches(), (9, 9, 1), print_table=False)
+  rf = {r['name']: r['receptive_field'] for r in rows}
+  assert rf['a'] == (3, 3) and rf['b'] == (5, 5)
+  # Both branches of the second block see the concat, whose field is 5x5;
+  # d (computed after c) must not see c's output as its input.
+  assert rf['c'] == (5, 5) and rf['d'] == (7, 7)
+
+
+def test_model_summary_and_shape_parsing(capsys):
+  rows = model_summary('lenet5', print_table=True)
+  assert rows[-1]['params'] == 61_706
+  assert 'lenet5 (lenet), input 32x32x1' in capsys.readouterr().out
+  assert parse_shape('227,227,3') == (227, 227, 3) and parse_shape('40x1') == (40, 1)
+  with pytest.raises(ValueError, match='positive ints'):
+    parse_shape('a,b')
+  with pytest.raises(ValueError, match="unknown model 'lenet6'. Did you mean 'lenet5'"):
+    model_summary('lenet6')

@@ -114,7 +114,8 @@ def test_alexnet_rows_match_the_notes_table():
       ('conv1', 34_944), ('conv2', 614_656), ('conv3', 885_120), ('conv4', 1_327_488),
       ('conv5', 884_992), ('fc1', 37_752_832), ('fc2', 16_781_312), ('fc3', 4_097_000)]
   # The notes' map sizes: C1 55, S2 27, C3 27, S4 13, C5-C7 13, S8 6, F9/F10 4096.
-  shapes = [(r['name'], r['output_shape']) for r in rows[:-1] if r['type'] != 'Dropout']
+  shapes = [(r['name'], r['output_shape']) for r in rows[:-1]
+            if r['type'] not in ('Dropout', 'LRN')]   # the notes' table omits both
   assert shapes == [
       ('conv1', (55, 55, 96)), ('pool1', (27, 27, 96)), ('conv2', (27, 27, 256)),
       ('pool2', (13, 13, 256)), ('conv3', (13, 13, 384)), ('conv4', (13, 13, 384)),
@@ -148,9 +149,16 @@ def test_lenet5_classic_layers_match_the_paper():
     params[layer] = params.get(layer, 0) + r['params']
     if '/' not in r['name']:
       shapes[layer] = r['output_shape']
-  assert params == {'c1': 156, 's2': 12, 'c3': 1_516, 's4': 32, 'c5': 48_120, 'f6': 10_164}
+    else:                                     # C3's groups: 6 + 9 + 1 maps of 10x10
+      prev = shapes.get(layer, r['output_shape'][:-1] + (0,))
+      shapes[layer] = r['output_shape'][:-1] + (prev[-1] + r['output_shape'][-1],)
+  assert params == {'c1': 156, 's2': 12, 'c3': 1_516, 's4': 32, 'c5': 48_120, 'f6': 10_164,
+                    'output': 0}
   assert shapes == {'c1': (28, 28, 6), 's2': (14, 14, 6), 'c3': (10, 10, 16),
-                    's4': (5, 5, 16), 'c5': (1, 1, 120), 'f6': (84,)}
+                    's4': (5, 5, 16), 'c5': (1, 1, 120), 'f6': (84,), 'output': (10,)}
+  rf = {r['name']: r['receptive_field'] for r in rows[:-1]}
+  assert rf['c1'] == (5, 5) and rf['s2'] == (6, 6) and rf['c3/fanin4'] == (14, 14)
+  assert rf['c5'] == (32, 32)                 # C5 sees the whole 32x32 input
   assert rows[-1]['params'] == 60_000          # the RBF codes are constants
 
 

@@ -117,29 +117,46 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_table: bool =
   rows: List[Dict[str, Any]] = []
   nd = max(len(input_shape) - 1, 0)
   rf_of: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
-  last = [((1,) * nd, (1,) * nd)]
+  by_spatial: Dict[Tuple[int, ...], Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
   alive = []   # keeps traced outputs alive so their ids stay unique during the trace
+  calls = [0]
+
+  def source_field(inp):
+    """(r, j) of a layer's input. Arrays made outside a layer (concatenations,
+    sums, slices, activations) are not tracked one by one: they get the largest
+    field recorded so far at their spatial size, the deepest path into them."""
+    if id(inp) not in rf_of:
+      # Fixed at first use, so parallel branches reading one block input agree.
+      shape = tuple(getattr(inp, 'shape', ())[1:-1])
+      rf_of[id(inp)] = by_spatial.get(shape, ((1,) * nd, (1,) * nd))
+      alive.append(inp)
+    return rf_of[id(inp)]
 
   def interceptor(next_fun, args, kwargs, context):
+    calls[0] += 1
+    before = calls[0]
     out = next_fun(*args, **kwargs)
     if context.method_name != '__call__':
+      return out
+    # A layer is a module that called no other module: containers (blocks,
+    # the model itself) are represented by their layers.
+    if calls[0] != before or not hasattr(out, 'shape'):
       return out
     module = context.module
     own = _own_params(module)
     geometry = _geometry(module, nd) if nd else None
-    is_leaf = bool(own) or geometry is not None or isinstance(
-        module, (nn.Dropout, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm))
-    if not is_leaf or not hasattr(out, 'shape'):
-      return out
     inp = args[0] if args else None
-    r, j = rf_of.get(id(inp), last[0])
+    r, j = source_field(inp)
     if geometry is not None and len(out.shape) == nd + 2:
       k, s, d = geometry
       r = tuple(ri + ((ki - 1) * di) * ji for ri, ki, di, ji in zip(r, k, d, j))
       j = tuple(ji * si for ji, si in zip(j, s))
     rf_of[id(out)] = (r, j)
     alive.append(out)
-    last[0] = (r, j)
+    if len(out.shape) == nd + 2:
+      key = tuple(out.shape[1:-1])
+      if key not in by_spatial or by_spatial[key][0] < r:
+        by_spatial[key] = (r, j)
     biases = sum(math.prod(v.shape) for n, v in own.items() if n == 'bias')
     weights = sum(math.prod(v.shape) for n, v in own.items() if n != 'bias')
     kernel = own.get('kernel')

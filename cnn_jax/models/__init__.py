@@ -1,2 +1,7 @@
-"""Model zoo. `get_model(name, num_classes=...)`, `list_models()`."""
+"""Model zoo. `get_model(name, num_classes=...)`, `list_models()`.
+
+Importing this package registers every family.
+"""
 from cnn_jax.models.registry import get_model, list_models, model_info, register
+from cnn_jax.models import (  # noqa: F401  (each module registers its variants)
+    alexnet, ffcnn, googlenet, lenet, nin, resnet, vgg)
