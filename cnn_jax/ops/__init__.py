@@ -11,3 +11,6 @@ from cnn_jax.ops.lrn import lrn
 from cnn_jax.ops.activations import (
     get_activation, identity, leaky_relu, list_activations, log_softmax, relu,
     scaled_tanh, sigmoid, softmax, tanh)
+from cnn_jax.ops.pooling import (
+    avg_pool, global_avg_pool, global_max_pool, lp_pool, max_pool, max_pool_with_argmax,
+    max_unpool, mixed_pool, rms_pool, spatial_pyramid_pool, sum_pool)
