@@ -424,7 +424,7 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 # Test-only: one stage of one small block, so a real forward/backward is cheap.
 _ResNet1 = functools.partial(ResNet, stage_sizes=(1,), block_cls=BasicBlock, num_filters=8)
-_ResNeXt1 = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BottleneckBlock,
+_ResNeXt1 = functools.partial(ResNet, stage_sizes=(1,), block_cls=BottleneckBlock,
                               num_filters=8, groups=2, width_per_group=32)
 _PreActResNet1 = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=PreActBottleneckBlock,
                                    num_filters=4)
