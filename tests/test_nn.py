@@ -238,6 +238,19 @@ def test_conv_transpose_matches_flax_transpose_kernel(shape, kernel, strides, pa
   assert_trees_close(grads, (swap(g_ref), gx_ref), **F32_TOL)
 
 
+@pytest.mark.parametrize('kernel, padding', [((3, 3), 'VALID'), ((4, 3), 'SAME')])
+def test_conv_transpose_vs_flax_default_layout(kernel, padding):
+  # flax's transpose_kernel=False: our kernel shape, spatially flipped.
+  theirs = fnn.ConvTranspose(3, kernel, strides=(2, 2), padding=padding)
+  ours = nn.ConvTranspose(3, kernel, strides=2, padding=padding)
+  x = rand((1, 3, 4, 2))
+  v = random_init(ours, x)
+  assert shapes_of(abstract_init(theirs, x.shape)) == shapes_of(v)
+  flip = {'params': {'kernel': jnp.flip(v['params']['kernel'], (0, 1)),
+                     'bias': v['params']['bias']}}
+  np.testing.assert_allclose(ours.apply(v, x), theirs.apply(flip, x), **F32_TOL)
+
+
 def _swap_io(w, groups):
   """(*k, C_in/g, C_out) -> (*k, C_out/g, C_in): the conv that ConvTranspose undoes."""
   *k, ci, co = w.shape
@@ -439,3 +452,123 @@ def test_unknown_initializer_lists_valid_names():
 def test_errors(layer, shape, match):
   with pytest.raises(ValueError, match=match):
     abstract_init(layer, shape)
+
+
+# ----------------------------------------------------------------------------
+# Pooling and LRN layers: thin wrappers, checked against independent references
+# ----------------------------------------------------------------------------
+
+POOL_X = (2, 6, 6, 3)
+
+
+def _pool_layers():
+  return {
+      'max': nn.MaxPool(2),
+      'max_overlap': nn.MaxPool((3, 3), strides=2, padding='SAME'),
+      'avg': nn.AvgPool((3, 3), strides=2, padding='SAME', count_include_pad=False),
+      'avg_pad': nn.AvgPool(3, strides=1, padding=1),
+      'sum': nn.SumPool(2),
+      'l2': nn.LpPool(2),
+      'l3': nn.LpPool(3, strides=3, p=3.0),
+      'mixed': nn.MixedPool(2, alpha=0.3),
+      'gap': nn.GlobalAvgPool(),
+      'gmp': nn.GlobalMaxPool(keepdims=True),
+      'spp': nn.SpatialPyramidPool(levels=(1, 2)),
+      'spp_avg': nn.SpatialPyramidPool(levels=(3,), mode='avg'),
+  }
+
+
+def test_pooling_layers_have_no_params_and_match_references():
+  layers = _pool_layers()
+  x = rand(POOL_X)
+  for layer in layers.values():
+    assert abstract_init(layer, POOL_X) == {}
+  out = jax.jit(lambda x: {k: m.apply({}, x) for k, m in layers.items()})(x)
+  xn = np.asarray(x)
+  blocks = lambda a, f: a.reshape(2, 6 // f, f, 6 // f, f, 3)
+  np.testing.assert_allclose(out['max'], blocks(xn, 2).max(axis=(2, 4)), **F32_TOL)
+  np.testing.assert_allclose(out['max_overlap'],
+                             fnn.max_pool(x, (3, 3), (2, 2), 'SAME'), **F32_TOL)
+  np.testing.assert_allclose(out['avg'], fnn.avg_pool(x, (3, 3), (2, 2), 'SAME',
+                                                      count_include_pad=False), **F32_TOL)
+  np.testing.assert_allclose(out['avg_pad'], fnn.avg_pool(x, (3, 3), padding=((1, 1), (1, 1))),
+                             **F32_TOL)
+  np.testing.assert_allclose(out['sum'], blocks(xn, 2).sum(axis=(2, 4)), **F32_TOL)
+  np.testing.assert_allclose(out['l2'], np.sqrt((blocks(xn, 2) ** 2).sum(axis=(2, 4))),
+                             **F32_TOL)
+  np.testing.assert_allclose(out['l3'], ((np.abs(blocks(xn, 3)) ** 3).sum(axis=(2, 4)))
+                             ** (1 / 3), rtol=1e-4)
+  np.testing.assert_allclose(out['mixed'], 0.3 * blocks(xn, 2).max(axis=(2, 4))
+                             + 0.7 * blocks(xn, 2).mean(axis=(2, 4)), **F32_TOL)
+  np.testing.assert_allclose(out['gap'], xn.mean(axis=(1, 2)), **F32_TOL)
+  np.testing.assert_allclose(out['gmp'], xn.max(axis=(1, 2), keepdims=True), **F32_TOL)
+  level2 = blocks(xn, 3).max(axis=(2, 4)).reshape(2, 4 * 3)
+  np.testing.assert_allclose(out['spp'], np.concatenate([xn.max(axis=(1, 2)), level2], -1),
+                             **F32_TOL)
+  np.testing.assert_allclose(out['spp_avg'], blocks(xn, 2).mean(axis=(2, 4)).reshape(2, 27),
+                             **F32_TOL)
+
+
+def test_pooling_layer_shapes():
+  spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  shape = lambda m, *s: jax.eval_shape(lambda x: m.apply({}, x), spec(*s)).shape
+  assert shape(nn.MaxPool(2), 1, 28, 28, 6) == (1, 14, 14, 6)           # LeNet S2
+  assert shape(nn.MaxPool(3, strides=2), 1, 55, 55, 96) == (1, 27, 27, 96)  # AlexNet
+  assert shape(nn.AvgPool(2), 4, 9, 3) == (4, 4, 3)
+  assert shape(nn.SumPool((2, 1, 2)), 1, 4, 4, 4, 2) == (1, 2, 4, 2, 2)
+  assert shape(nn.GlobalAvgPool(keepdims=True), 2, 5, 7, 4) == (2, 1, 1, 4)
+  assert shape(nn.SpatialPyramidPool(), 2, 13, 9, 8) == (2, 8 * (1 + 4 + 16))
+  assert shape(nn.SpatialPyramidPool(), 2, 21, 17, 8) == (2, 8 * 21)  # any size
+
+
+@pytest.mark.parametrize('per_channel', [False, True])
+def test_mixed_pool_learnable_alpha(per_channel):
+  layer = nn.MixedPool(2, alpha=0.25, learnable=True, per_channel=per_channel)
+  x = rand(POOL_X)
+  v = layer.init(jax.random.key(0), x)
+  logit = v['params']['alpha_logit']
+  assert logit.shape == ((3,) if per_channel else ())
+  np.testing.assert_allclose(jax.nn.sigmoid(logit), 0.25, rtol=1e-6)
+  r = rand((2, 3, 3, 3))
+  blocks = np.asarray(x).reshape(2, 3, 2, 3, 2, 3)
+  y_max, y_avg = blocks.max(axis=(2, 4)), blocks.mean(axis=(2, 4))
+
+  def loss(v):
+    return jnp.sum(layer.apply(v, x) * r)
+
+  value, grad = jax.jit(jax.value_and_grad(loss))(v)
+  np.testing.assert_allclose(value, jnp.sum((0.25 * y_max + 0.75 * y_avg) * r), rtol=1e-5)
+  # dL/dlogit = sigmoid'(logit) * sum dL/dY (MAX - AVG) = 0.25 * 0.75 * ...
+  per_c = jnp.sum(r * (y_max - y_avg), axis=(0, 1, 2))
+  expected = 0.25 * 0.75 * (per_c if per_channel else jnp.sum(per_c))
+  np.testing.assert_allclose(grad['params']['alpha_logit'], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lrn_layer():
+  x = rand((2, 3, 3, 7)) * 4
+  layer = nn.LRN(size=3, k=1.0, alpha=0.1, beta=0.75)
+  assert abstract_init(layer, x.shape) == {}
+  xn = np.asarray(x, np.float64)
+  sq = np.pad(xn ** 2, [(0, 0)] * 3 + [(1, 1)])
+  s = sum(sq[..., i:i + 7] for i in range(3))
+  np.testing.assert_allclose(layer.apply({}, x), xn / (1.0 + 0.1 * s) ** 0.75, rtol=1e-5)
+  within = nn.LRN(mode='within_channel')
+  assert jax.eval_shape(lambda x: within.apply({}, x), x).shape == x.shape
+
+
+@pytest.mark.parametrize('layer, match', [
+    (nn.MaxPool(0), 'window must be >= 1'),
+    (nn.AvgPool(2, strides=0), 'stride must be >= 1'),
+    (nn.MaxPool(7), 'larger than the padded input'),
+    (nn.LpPool(2, p=0.0), 'p must be a finite number > 0'),
+    (nn.MixedPool(2, alpha=1.5), r'alpha must lie in \[0, 1\]'),
+    (nn.MixedPool(2, alpha=1.0, learnable=True), 'strictly between 0 and 1'),
+    (nn.MixedPool(2, per_channel=True), 'per_channel=True needs learnable=True'),
+    (nn.SpatialPyramidPool(levels=(1, 8)), 'smaller than the largest pyramid level'),
+    (nn.SpatialPyramidPool(mode='min'), "mode must be 'max' or 'avg'"),
+    (nn.LRN(size=0), 'size must be an int >= 1'),
+    (nn.LRN(mode='spatial'), 'mode must be one of'),
+])
+def test_pooling_and_lrn_errors(layer, match):
+  with pytest.raises(ValueError, match=match):
+    abstract_init(layer, POOL_X)
