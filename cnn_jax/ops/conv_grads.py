@@ -16,7 +16,7 @@ only in how the sums are laid out for the hardware; `input_grad` and
       any grouped/depthwise conv)     XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
       otherwise                    -> input_grad_dilated    (the notes' formula;
-                                      XLA's own dX, already at PyTorch's speed)
+                                      XLA's own dX, within ~1.2x of PyTorch)
 
 benchmarks/README.md has the measurements behind the rule.
 """
