@@ -164,6 +164,22 @@ def test_resnext_groups_and_wide_width():
   assert wide['conv3']['kernel'].shape == (1, 1, 128, 256)
 
 
+def test_bottleneck_example_from_the_notes():
+  """28x28x256 in: 1x1 conv 64 projects to 28x28x64, the 3x3 conv runs on 64
+  maps, a 1x1 conv 256 projects back; identity shortcut, no extra parameters."""
+  norm = functools.partial(nn.BatchNorm, use_running_average=True)
+  block = resnet.BottleneckBlock(features=64, conv=resnet.cnn.Conv, norm=norm)
+  x = jax.ShapeDtypeStruct((1, 28, 28, 256), jnp.float32)
+  out, variables = jax.eval_shape(lambda x: block.init_with_output(jax.random.key(0), x), x)
+  params = variables['params']
+  assert out.shape == (1, 28, 28, 256)
+  assert [params[c]['kernel'].shape for c in ('conv1', 'conv2', 'conv3')] == [
+      (1, 1, 256, 64), (3, 3, 64, 64), (1, 1, 64, 256)]
+  # 69,632 weights vs 2 * 3*3*256*256 = 1,179,648 for two 3x3 convs at full depth.
+  assert sum(params[c]['kernel'].size for c in ('conv1', 'conv2', 'conv3')) == 69_632
+  assert 'proj' not in params
+
+
 # ----------------------------------------------------------------------------
 # Option A shortcut, zero-init, errors.
 # ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ Param trees are named for checkpoint paths, weight import and freezing:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
