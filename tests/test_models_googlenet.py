@@ -44,7 +44,8 @@ def _abstract(name, **overrides):
 
 
 def test_registered_names():
-  assert registry.list_models('googlenet') == ['googlenet', 'googlenet_bn']
+  assert registry.list_models('googlenet') == ['googlenet', 'googlenet_bn',
+                                                'googlenet_bn_tiny', 'googlenet_tiny']
   assert registry.model_info('googlenet').input_shape == (224, 224, 3)
 
 
@@ -58,6 +59,16 @@ def test_param_counts(name, aux, params, stats):
   _, variables = _abstract(name, aux_logits=aux)
   assert _size(variables['params']) == params
   assert _size(variables.get('batch_stats', {})) == stats
+
+
+@pytest.mark.parametrize('name', ['googlenet_tiny', 'googlenet_bn_tiny'])
+def test_tiny_registered_variants(name):
+  model = registry.get_model(name)
+  x = jax.ShapeDtypeStruct((2,) + registry.model_info(name).input_shape, jnp.float32)
+  out, variables = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+  assert out.shape == (2, 10)
+  assert {'aux1', 'aux2', 'inception3a', 'inception4a'} <= set(variables['params'])
 
 
 def test_paper_table1_params_column():

@@ -87,9 +87,10 @@ def _counts(name, **overrides):
 
 def test_registered_names():
   assert set(registry.list_models('resnet')) == (
-      set(TORCHVISION_PARAMS) | set(PREACT_PARAMS))
+      set(TORCHVISION_PARAMS) | set(PREACT_PARAMS) | {'resnet_tiny'})
   assert set(registry.list_models('cifar_resnet')) == (
-      set(CIFAR_PARAMS_A) | {f'plain{d}' for d in resnet.CIFAR_DEPTHS} | {'wrn28_10'})
+      set(CIFAR_PARAMS_A) | {f'plain{d}' for d in resnet.CIFAR_DEPTHS}
+      | {'wrn28_10', 'cifar_resnet_tiny'})
   assert registry.model_info('resnet20').input_shape == (32, 32, 3)
   assert registry.model_info('resnet18').num_classes == 1000
 
@@ -106,6 +107,12 @@ def test_preact_counts(name):
   shape, params, _ = _counts(name)
   assert shape == (2, 1000)
   assert params == PREACT_PARAMS[name]
+
+
+@pytest.mark.parametrize('name,params', [('resnet_tiny', 2_466), ('cifar_resnet_tiny', 1_406)])
+def test_tiny_registered_variants(name, params):
+  shape, count, _ = _counts(name)
+  assert shape == (2, 10) and count == params
 
 
 def test_count_params_agrees_and_splits_batch_stats():

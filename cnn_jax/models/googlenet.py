@@ -287,3 +287,10 @@ registry.register('googlenet', GoogLeNet, family='googlenet', input_shape=(224, 
 registry.register('googlenet_bn', GoogLeNetBN, family='googlenet', input_shape=(224, 224, 3),
                   num_classes=1000, description="GoogLeNet in torchvision's BN layout "
                   '(conv+BN, 3x3 in the 5x5 branch, no LRN)')
+registry.register('googlenet_tiny', _GoogLeNet1, family='googlenet', input_shape=(96, 96, 3),
+                  num_classes=10, description='Test-only GoogLeNet: two small Inception '
+                  'modules, both aux heads, LRN, at 96x96x3.')
+registry.register('googlenet_bn_tiny', _GoogLeNetBN1, family='googlenet',
+                  input_shape=(96, 96, 3), num_classes=10,
+                  description='Test-only googlenet_bn: two small Inception modules, both '
+                  'aux heads, at 96x96x3.')

@@ -463,6 +463,12 @@ def _register():
                       'shortcuts; the degradation experiment)', **cifar)
   registry.register('wrn28_10', WRN28_10, description='Wide ResNet 28-10 (Zagoruyko & '
                     'Komodakis 2016), pre-activation', **cifar)
+  # Test-only nets, registered so that the training loop can run them by name.
+  registry.register('resnet_tiny', _ResNet1, family='resnet', input_shape=(16, 16, 3),
+                    num_classes=10, description='Test-only ResNet: ImageNet stem, one '
+                    'stage of one BasicBlock, 8 filters, at 16x16x3.')
+  registry.register('cifar_resnet_tiny', _CifarResNet1, description='Test-only CIFAR '
+                    'ResNet-8: 4/8 filters, option A, at 32x32x3.', **cifar)
 
 
 _register()
