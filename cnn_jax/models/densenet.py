@@ -161,8 +161,8 @@ DenseNet201 = functools.partial(DenseNet, block_config=(6, 12, 48, 32))
 DenseNet161 = functools.partial(DenseNet, block_config=(6, 12, 36, 24), growth_rate=48,
                                 num_init_features=96)
 
-# Test-only: two blocks of two thin layers and a transition.
-_DenseNetTiny = functools.partial(DenseNet, block_config=(2, 2), growth_rate=4,
+# Test-only: blocks of two and one thin layers and a transition.
+_DenseNetTiny = functools.partial(DenseNet, block_config=(2, 1), growth_rate=4,
                                   num_init_features=8, bn_size=2)
 
 
@@ -176,7 +176,7 @@ def _register():
         description=f'DenseNet-BC-{depth} (Huang et al. 2017), k={k}, torchvision layout')
   registry.register('densenet_tiny', _DenseNetTiny, family='densenet',
                     input_shape=(16, 16, 3), num_classes=10,
-                    description='Test-only DenseNet-BC: two blocks of two layers, k=4.')
+                    description='Test-only DenseNet-BC: blocks of 2 and 1 layers, k=4.')
 
 
 _register()
