@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ops.py            # or: make bench
     .venv/bin/python benchmarks/ops.py --rounds 15 --only conv,dw
+    .venv/bin/python benchmarks/ops.py --rounds 3 --only compile   # compile time
 
 Every number is the minimum over `--rounds` interleaved rounds (each round
 calls every contender once, in turn, after two warm-up calls that also
@@ -79,7 +80,18 @@ CONV_CASES = [
     # Grouped and depthwise: XLA's weight gradient for these is a slow path.
     ConvCase('32x32x64->64 3x3 g2', (32, 32, 32, 64), 3, 64, 1, 'SAME', 2),
     ConvCase('32x32x64 3x3 depthwise', (32, 32, 32, 64), 3, 64, 1, 'SAME', 64),
+    # Large-kernel stems (batch 8): ResNet/GoogLeNet's 7x7 s2, AlexNet's 11x11 s4.
+    ConvCase('224x224x3->64 7x7 s2 b8', (8, 224, 224, 3), 7, 64, 2, 'SAME'),
+    ConvCase('227x227x3->96 11x11 s4 b8', (8, 227, 227, 3), 11, 96, 4, 'VALID'),
 ]
+
+# Compile time of jit(value_and_grad) of the conv: the issue's kernel-size sweep
+# on a small input (compile cost is about the program, not the data), then the
+# run-time benchmark's shapes.
+COMPILE_CASES = [
+    ConvCase(f'2x32x32x16->32 {k}x{k}', (2, 32, 32, 16), k, 32, 1, 'SAME')
+    for k in (3, 5, 7, 11)
+] + [CONV_CASES[0], CONV_CASES[2], CONV_CASES[-2], CONV_CASES[-1]]
 
 
 class PoolCase(NamedTuple):
@@ -297,7 +309,54 @@ def bench_pool(rounds: int):
   _table(['case', 'XLA', 'ours', 'ours/XLA'], rows)
 
 
-SECTIONS = {'conv': bench_conv, 'dw': bench_dw, 'dx': bench_dx, 'pool': bench_pool}
+# ----------------------------------------------------------------------------
+# Compile time
+# ----------------------------------------------------------------------------
+
+def bench_compile(rounds: int):
+  """Seconds to compile jit(value_and_grad(sum(conv(x, w) * ct))): XLA's
+  autodiff, ours, and ours with the previous dW (im2col_unrolled: one static
+  slice per tap) in place of im2col. Each round lowers and compiles a fresh
+  jit of every contender in turn; the minimum over rounds is reported."""
+  print('== compile time of jit(value_and_grad) of the conv, s '
+        '(ours-unrolled = ours with the previous, per-tap-unrolled im2col dW)')
+  rounds = max(1, min(rounds, 3))
+  rows = []
+  for case in COMPILE_CASES:
+    x, w, ct, spec = _conv_setup(case)
+
+    def compile_time(conv_fn, dw_impl=None):
+      saved = conv_grads.WEIGHT_GRADS['im2col']
+      if dw_impl is not None:
+        conv_grads.WEIGHT_GRADS['im2col'] = dw_impl
+      try:
+        lowered = _value_and_grads(conv_fn, spec).lower(x, w, ct)
+      finally:
+        conv_grads.WEIGHT_GRADS['im2col'] = saved
+      t0 = time.perf_counter()
+      lowered.compile()
+      return time.perf_counter() - t0
+
+    contenders = {
+        'xla': lambda: compile_time(_xla_conv),
+        'ours': lambda: compile_time(_ours_conv),
+        'ours-unrolled': lambda: compile_time(
+            _ours_conv, conv_grads.weight_grad_im2col_unrolled),
+    }
+    best = {name: math.inf for name in contenders}
+    for _ in range(rounds):
+      for name, fn in contenders.items():
+        best[name] = min(best[name], fn())
+    rows.append([case.name, f'{best["xla"]:.2f}', f'{best["ours"]:.2f}',
+                 f'{best["ours-unrolled"]:.2f}', _ratio(best['ours'], best['xla']),
+                 _ratio(best['ours-unrolled'], best['xla']),
+                 conv_grads.weight_grad_rule(spec)])
+  _table(['case', 'xla', 'ours', 'ours-unrolled', 'ours/xla', 'unrolled/xla', 'dW rule'],
+         rows)
+
+
+SECTIONS = {'conv': bench_conv, 'dw': bench_dw, 'dx': bench_dx, 'pool': bench_pool,
+            'compile': bench_compile}
 
 
 def main(argv=None):

@@ -199,3 +199,22 @@ def test_im2col_rejects_a_chunk_that_does_not_divide_the_batch():
   dy = jnp.zeros((4, 3, 3, 2))
   with pytest.raises(ValueError, match='chunk 3 must divide the batch 4'):
     conv_grads.weight_grad_im2col(x, dy, spec, chunk=3)
+
+
+def _slice_ops(fn, k):
+  """Number of (dynamic) slice ops in the lowered program of fn at a k x k kernel."""
+  spec = conv_mod.make_spec((2, 12, 12, 3), (k, k, 3, 4), padding='SAME')
+  x = jnp.zeros((2, 12, 12, 3), jnp.float32)
+  dy = jnp.zeros((2, *spec.out_spatial, 4), jnp.float32)
+  text = jax.jit(lambda x, dy: fn(x, dy, spec)).lower(x, dy).as_text()
+  return text.count('slice')
+
+
+def test_im2col_program_does_not_grow_with_the_kernel():
+  """Compile time tracks the number of ops XLA compiles: the tap loop keeps the
+  im2col program the same size at 3x3 and 11x11 (the unrolled one has a slice
+  per tap: benchmarks/README.md, "Compile time")."""
+  ours = [_slice_ops(conv_grads.weight_grad_im2col, k) for k in (3, 11)]
+  assert ours[0] == ours[1]
+  unrolled = [_slice_ops(conv_grads.weight_grad_im2col_unrolled, k) for k in (3, 11)]
+  assert unrolled[1] - unrolled[0] >= 121 - 9
