@@ -93,13 +93,11 @@ def test_parameter_count(name):
 def test_example_ffcnn_breakdown_matches_the_notes():
   rows = summary(get_model('example_ffcnn'), (7, 7, 3), print_table=False)
   by = {r['name']: r for r in rows}
-  # The notes' 84 + 84 + 6 + 0 + 0 + 490 + 20 + 11; flatten is a reshape, not a layer.
+  # The notes' 84 + 84 + 6 + 0 + 0 + 490 + 20 + 11, row by row.
   notes = [('conv1', 84), ('conv2', 84), ('bn2d', 6), ('maxpool', 0), ('flatten', 0),
            ('fc1', 490), ('bn1d', 20), ('out', 11)]
-  for name, params in notes:
-    if name != 'flatten':
-      assert by[name]['params'] == params, name
-  assert [r['name'] for r in rows] == [n for n, _ in notes if n != 'flatten'] + ['Total']
+  assert [(r['name'], r['params']) for r in rows[:-1]] == notes
+  assert by['flatten']['output_shape'] == (48,)
   assert by['Total']['params'] == sum(p for _, p in notes) == 695
   assert by['conv1']['output_shape'] == (4, 4, 3)     # pad 1, stride 2
   assert by['conv2']['output_shape'] == (8, 8, 3)     # pad 3 grows it

@@ -56,7 +56,7 @@ class ExampleFFCNN(nn.Module):
     x = norm(name='bn2d')(x)
     x = cnn.MaxPool(2, name='maxpool')(x)
     self.sow('intermediates', 'stage1', x)
-    x = x.reshape(x.shape[0], -1)
+    x = cnn.Flatten(name='flatten')(x)
     x = nn.Dense(10, dtype=self.dtype, name='fc1')(x)
     x = norm(name='bn1d')(x)
     self.sow('intermediates', 'pre_logits', x)

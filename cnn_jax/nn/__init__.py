@@ -3,5 +3,6 @@ from cnn_jax.nn.conv import (Conv, ConvTranspose, DepthwiseConv, SeparableConv,
                              SpatiallySeparableConv)
 from cnn_jax.nn.initializers import get_initializer
 from cnn_jax.nn.normalization import LRN
+from cnn_jax.nn.reshape import Flatten
 from cnn_jax.nn.pooling import (AvgPool, GlobalAvgPool, GlobalMaxPool, LpPool, MaxPool,
                                 MixedPool, SpatialPyramidPool, SumPool)
