@@ -14,3 +14,17 @@ def x64():
   """Run one test in float64 (for numerical gradient checks), then restore."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture
+def fast_compile():
+  """XLA's optimisation passes dominate compile time for one-off test programs.
+
+  The flag is not part of jit's cache key, so it affects only what is compiled
+  while the fixture is active."""
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', old)

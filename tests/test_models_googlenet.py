@@ -11,6 +11,7 @@ import pytest
 
 import cnn_jax.models.googlenet as googlenet  # registers the family
 from cnn_jax.models import registry
+from model_testing import random_variables as _random_variables
 
 # torchvision's googlenet (BN layout) has 6,624,904 parameters without its aux
 # heads (the pretrained model drops them) and 13,004,888 with them (each head:
@@ -178,31 +179,8 @@ def test_bad_aux_position_is_a_clear_error():
 # Real forward/backward of tiny variants: our Conv vs flax.linen.Conv.
 # ----------------------------------------------------------------------------
 
-@pytest.fixture
-def fast_compile():
-  """XLA's optimisation passes dominate compile time for these one-off steps."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', old)
 
 
-def _random_variables(abstract, seed):
-  """Well-scaled random values for a variables tree (no init compile)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    key = jax.tree_util.keystr(path)
-    if key.endswith("['scale']") or key.endswith("['var']"):
-      return (1 + 0.2 * rng.random(s.shape)).astype(np.float32)
-    if len(s.shape) <= 1:
-      return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-    return (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))).astype(
-        np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 @pytest.mark.parametrize('builder,compare', [(googlenet._GoogLeNet1, True),

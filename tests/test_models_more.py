@@ -17,6 +17,7 @@ import pytest
 
 from cnn_jax.analysis import count_params
 from cnn_jax.models import densenet, highway, mobilenet, registry, sequence
+from model_testing import random_variables as _random_variables
 
 # Trainable parameters (BN scale and bias included, running statistics not).
 PARAMS = {
@@ -186,15 +187,6 @@ def test_errors_name_the_problem():
 # Block wiring: shapes from eval_shape, values filled in, one jit per call.
 # ----------------------------------------------------------------------------
 
-@pytest.fixture
-def fast_compile():
-  """XLA's optimisation passes dominate compile time for these one-off steps."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', old)
 
 def _fill(abstract, value_fn):
   return jax.tree_util.tree_map_with_path(
@@ -281,21 +273,6 @@ def test_dense_block_concatenates_its_input_unchanged(fast_compile):
 # Real forward/backward of tiny variants: our Conv vs flax.linen.Conv.
 # ----------------------------------------------------------------------------
 
-def _random_variables(abstract, seed):
-  """Well-scaled random values for a variables tree, without compiling init:
-  kernels ~ N(0, 1 / fan_in), BN scale and running var near 1, biases small."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    key = jax.tree_util.keystr(path)
-    if key.endswith("['scale']") or key.endswith("['var']"):
-      return (1 + 0.2 * rng.random(s.shape)).astype(np.float32)
-    if len(s.shape) <= 1:
-      return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-    return (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))).astype(
-        np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def check_ours_vs_flax(name, num_classes=5, compare=True):

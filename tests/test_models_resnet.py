@@ -13,6 +13,7 @@ import pytest
 import cnn_jax.models.resnet as resnet  # registers the family
 from cnn_jax.analysis import count_params
 from cnn_jax.models import registry
+from model_testing import random_variables as _random_variables
 
 # torchvision's published counts (BN scale and bias trainable; running
 # statistics are batch_stats).
@@ -191,15 +192,6 @@ def test_bottleneck_example_from_the_notes():
 # Option A shortcut, zero-init, errors.
 # ----------------------------------------------------------------------------
 
-@pytest.fixture
-def fast_compile():
-  """XLA's optimisation passes dominate compile time for these one-off steps."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', old)
 
 
 def _shortcut_a_numpy(x, features, stride):
@@ -266,22 +258,6 @@ def test_errors_name_the_problem():
 # Real forward/backward of tiny variants: our Conv vs flax.linen.Conv.
 # ----------------------------------------------------------------------------
 
-def _random_variables(abstract, seed):
-  """Fills a variables tree with well-scaled random values (no init compile):
-  kernels ~ N(0, 1 / fan_in), BN scale and running var near 1, biases and
-  means small, so that a wrong wiring shows up in every leaf."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    key = jax.tree_util.keystr(path)
-    if key.endswith("['scale']") or key.endswith("['var']"):
-      return (1 + 0.2 * rng.random(s.shape)).astype(np.float32)
-    if len(s.shape) <= 1:
-      return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-    return (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))).astype(
-        np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def check_ours_vs_flax(builder, input_shape, num_classes=5, compare=True):
