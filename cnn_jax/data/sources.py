@@ -1,0 +1,151 @@
+"""Random-access data sources (tfds.data_source) and grain loaders.
+
+``get_source(name, split, data_dir)``
+  * embedded names (``digits``, ``mnist1d``; see ``embedded.py``) are prepared on first
+    use into ``data_dir`` as array_record files (offline, a few seconds) and read back;
+  * catalog names (``mnist``, ``cifar10``, ``mnist:3.0.1``, ``cifar10/config`` ...) are
+    read only if already prepared (array_record) under ``data_dir``; otherwise a
+    ``ValueError`` is raised at once, naming the command that prepares them, instead
+    of letting tfds retry the network for minutes.
+
+``make_loader(source, batch_size=..., seed=...)``
+  a grain ``MapDataset`` pipeline yielding ``{'image': float32 (B, ...), 'label': int32
+  (B,)}`` batches, deterministic given the seed and reshuffled every epoch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Callable
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cnn_jax.data import embedded
+
+EMBEDDED = tuple(embedded.BUILDERS)
+
+
+def default_data_dir() -> str:
+  return os.path.expanduser(
+      os.environ.get('TFDS_DATA_DIR') or os.path.join('~', 'tensorflow_datasets'))
+
+
+def _prepare_command(name: str) -> str:
+  return f'make data DATASET={name}'
+
+
+def _split_name(name: str):
+  """'cifar10/cfg:1.0.0' -> ('cifar10', 'cfg', '1.0.0'); missing parts are None."""
+  base, _, version = name.partition(':')
+  base, _, config = base.partition('/')
+  return base, (config or None), (version or None)
+
+
+def _catalog_is_prepared(name: str, data_dir: str) -> tuple[bool, bool]:
+  """(any prepared version present, array_record files present). Filesystem only."""
+  base, config, version = _split_name(name)
+  root = os.path.join(data_dir, base)
+  if config:
+    root = os.path.join(root, config)
+  pattern = os.path.join(root, version) if version else os.path.join(root, '**')
+  infos = glob.glob(os.path.join(pattern, 'dataset_info.json'), recursive=True)
+  if not infos:
+    return False, False
+  dirs = {os.path.dirname(p) for p in infos}
+  has_ar = any(glob.glob(os.path.join(d, '*.array_record*')) for d in dirs)
+  return True, has_ar
+
+
+def prepare_embedded(name: str, data_dir: str | None = None):
+  """Builds (once) an embedded dataset into data_dir and returns its tfds builder."""
+  if name not in embedded.BUILDERS:
+    raise ValueError(f'{name!r} is not an embedded dataset; choose from {EMBEDDED}.')
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  builder = embedded.BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format='array_record')
+  return builder
+
+
+def get_source(name: str, split: str, data_dir: str | None = None):
+  """Returns a random-access source (tfds.data_source) for split of dataset name."""
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  base = _split_name(name)[0]
+  if base in embedded.BUILDERS:
+    builder = prepare_embedded(base, data_dir)
+    return builder.as_data_source(split=split)
+  prepared, has_array_record = _catalog_is_prepared(name, data_dir)
+  if not prepared:
+    raise ValueError(
+        f'Dataset {name!r} is not prepared in {data_dir!r} (no dataset_info.json found '
+        f'under {os.path.join(data_dir, base)}). This machine may have no network, so '
+        f'it is not downloaded here. Prepare it first with `{_prepare_command(base)}` '
+        f'(or set TFDS_DATA_DIR / --data_dir to where it is prepared), or use an '
+        f'embedded offline dataset: {", ".join(EMBEDDED)}.')
+  if not has_array_record:
+    raise ValueError(
+        f'Dataset {name!r} in {data_dir!r} is prepared, but not as array_record files, '
+        f'which tfds.data_source needs. Re-prepare it with `{_prepare_command(base)}`.')
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def to_example(record: dict) -> dict:
+  """A raw tfds record -> {'image': float32, 'label': int32}.
+
+  uint8 images (catalog datasets) are scaled to [0, 1]; float images are kept as is.
+  """
+  image = np.asarray(record['image'])
+  if image.dtype == np.uint8:
+    image = image.astype(np.float32) / 255.0
+  else:
+    image = image.astype(np.float32)
+  return {'image': image, 'label': np.asarray(record['label'], np.int32)}
+
+
+def make_loader(
+    source,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    transform: Callable[[dict], dict] | None = None,
+    random_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+) -> grain.MapDataset:
+  """A grain MapDataset of dict batches {'image': (B, ...) f32, 'label': (B,) i32}.
+
+  Pipeline: source -> seed -> shuffle (a new permutation every epoch) -> to_example
+  -> transform -> random_transform (per-example numpy Generator, seeded from `seed`,
+  index and epoch) -> batch (per epoch, so no batch straddles two epochs) -> repeat.
+  ``num_epochs=None`` repeats forever. The result supports ``len``, indexing
+  ``ds[step]`` (random access: step i is the same batch on every run) and iteration.
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  if drop_remainder and batch_size > len(source):
+    raise ValueError(f'batch_size {batch_size} > dataset size {len(source)} with '
+                     'drop_remainder=True would give no batches.')
+  ds = grain.MapDataset.source(source).seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.map(to_example)
+  if transform is not None:
+    ds = ds.map(transform)
+  if random_transform is not None:
+    ds = ds.random_map(random_transform)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  return ds
+
+
+def steps_per_epoch(source, batch_size: int, drop_remainder: bool = True) -> int:
+  n = len(source)
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+__all__: list[Any] = ['EMBEDDED', 'default_data_dir', 'prepare_embedded', 'get_source',
+                      'make_loader', 'steps_per_epoch', 'to_example']

@@ -1,0 +1,199 @@
+"""Embedded offline datasets (tfds builders read via tfds.data_source) and grain loaders."""
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cnn_jax.data import embedded, get_source, make_loader, steps_per_epoch
+from cnn_jax.data import sources
+
+tfds.disable_progress_bar()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def digits(data_dir):
+  return {s: get_source('digits', s, data_dir) for s in ('train', 'test')}
+
+
+@pytest.fixture(scope='module')
+def mnist1d(data_dir):
+  return {s: get_source('mnist1d', s, data_dir) for s in ('train', 'test')}
+
+
+def _stack(src):
+  recs = [src[i] for i in range(len(src))]
+  return (np.stack([r['image'] for r in recs]), np.array([r['label'] for r in recs]))
+
+
+def test_bilinear_upsample_matches_jax_image_resize():
+  x = np.random.default_rng(0).uniform(size=(3, 8, 8))
+  ours = embedded.bilinear_upsample(x, 32)
+  ref = jax.image.resize(x, (3, 32, 32), method='bilinear')
+  np.testing.assert_allclose(ours, np.asarray(ref), atol=1e-6)
+
+
+def test_digits_prepare_and_read(digits, data_dir):
+  from sklearn.datasets import load_digits
+  train, test = digits['train'], digits['test']
+  assert (len(train), len(test)) == (1437, 360)
+  assert os.path.isdir(os.path.join(data_dir, 'digits', '1.0.0'))
+  xtr, ytr = _stack(train)
+  xte, yte = _stack(test)
+  assert xtr.shape == (1437, 32, 32, 1) and xtr.dtype == np.float32
+  assert xte.shape == (360, 32, 32, 1)
+  assert 0.0 <= xtr.min() and xtr.max() <= 1.0 and xtr.max() > 0.99
+  assert set(ytr) == set(range(10)) and set(yte) == set(range(10))
+  # Stratified: every class has 35-37 test examples.
+  assert np.bincount(yte, minlength=10).min() >= 35
+  # Pixels match sklearn's images: recover the original indices and compare.
+  d = load_digits()
+  arrays = embedded.digits_arrays()
+  np.testing.assert_array_equal(xtr, arrays['train'][0])
+  np.testing.assert_array_equal(yte, arrays['test'][1])
+  from sklearn.model_selection import train_test_split
+  idx_tr, _ = train_test_split(np.arange(1797), test_size=360, stratify=d.target,
+                               random_state=0)
+  idx_tr = np.sort(idx_tr)
+  for i in (0, 17, 1000):
+    j = idx_tr[i]
+    assert ytr[i] == d.target[j]
+    ref = np.asarray(jax.image.resize(d.images[j] / 16.0, (32, 32), 'bilinear'))
+    for (r, c) in [(0, 0), (5, 9), (16, 16), (31, 30), (13, 22)]:
+      assert abs(xtr[i, r, c, 0] - ref[r, c]) < 1e-5
+  # A pixel at an exact 8x8 pixel centre (interp weight 1 on each axis is not hit
+  # for 4x; corners are clamped so equal the source corner).
+  assert abs(xtr[0, 0, 0, 0] - d.images[idx_tr[0]][0, 0] / 16) < 1e-6
+
+
+def test_digits_split_deterministic_and_disjoint():
+  a, b = embedded.digits_arrays(), embedded.digits_arrays()
+  for s in ('train', 'test'):
+    np.testing.assert_array_equal(a[s][0], b[s][0])
+    np.testing.assert_array_equal(a[s][1], b[s][1])
+  # Train and test are disjoint subsets of the 1,797 images.
+  tr = {x.tobytes() for x in a['train'][0]}
+  assert not any(x.tobytes() in tr for x in a['test'][0][:50])
+
+
+def test_mnist1d_prepare_and_read(mnist1d):
+  train, test = mnist1d['train'], mnist1d['test']
+  assert (len(train), len(test)) == (4000, 1000)
+  xtr, ytr = _stack(train)
+  xte, yte = _stack(test)
+  assert xtr.shape == (4000, 40, 1) and xtr.dtype == np.float32
+  assert xte.shape == (1000, 40, 1)
+  assert set(ytr) == set(range(10)) and set(yte) <= set(range(10))
+  arrays = embedded.mnist1d_arrays()  # deterministic generation (seed 42)
+  np.testing.assert_array_equal(xtr, arrays['train'][0])
+  np.testing.assert_array_equal(yte, arrays['test'][1])
+
+
+def test_mnist1d_generation_leaves_global_rng_alone():
+  np.random.seed(123)
+  expected = np.random.rand()
+  np.random.seed(123)
+  embedded.mnist1d_arrays()
+  assert np.random.rand() == expected
+
+
+def test_second_get_source_reuses_prepared(digits, data_dir):
+  t = time.time()
+  src = get_source('digits', 'test', data_dir)
+  assert time.time() - t < 5 and len(src) == 360
+
+
+def test_unprepared_catalog_dataset_fails_fast(tmp_path):
+  for name in ('mnist', 'cifar10', 'mnist:3.0.1'):
+    t = time.time()
+    with pytest.raises(ValueError, match=r'not prepared.*make data DATASET='):
+      get_source(name, 'train', str(tmp_path))
+    assert time.time() - t < 5
+
+
+def test_catalog_prepared_check_on_disk(digits, data_dir, tmp_path):
+  # A prepared array_record dataset is recognised by the filesystem check.
+  assert sources._catalog_is_prepared('digits', data_dir) == (True, True)
+  assert sources._catalog_is_prepared('digits:1.0.0', data_dir) == (True, True)
+  assert sources._catalog_is_prepared('digits:9.9.9', data_dir) == (False, False)
+  # One prepared without array_record files gets its own clear error.
+  d = tmp_path / 'mnist' / '3.0.1'
+  d.mkdir(parents=True)
+  (d / 'dataset_info.json').write_text('{}')
+  (d / 'mnist-train.tfrecord-00000-of-00001').write_text('')
+  with pytest.raises(ValueError, match='not as array_record'):
+    get_source('mnist', 'train', str(tmp_path))
+
+
+def test_default_data_dir_env(monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', '/some/where')
+  assert sources.default_data_dir() == '/some/where'
+  monkeypatch.delenv('TFDS_DATA_DIR')
+  assert sources.default_data_dir() == os.path.expanduser('~/tensorflow_datasets')
+
+
+def test_loader_batches_and_determinism(digits):
+  src = digits['test']
+  ds = make_loader(src, batch_size=32, seed=7)
+  b = ds[0]
+  assert b['image'].shape == (32, 32, 32, 1) and b['image'].dtype == np.float32
+  assert b['label'].shape == (32,) and b['label'].dtype == np.int32
+  spe = steps_per_epoch(src, 32)
+  assert spe == 11
+  run1 = [x for _, x in zip(range(2 * spe), iter(ds))]
+  run2 = [x for _, x in zip(range(2 * spe), iter(make_loader(src, batch_size=32, seed=7)))]
+  for a, c in zip(run1, run2):
+    np.testing.assert_array_equal(a['image'], c['image'])
+    np.testing.assert_array_equal(a['label'], c['label'])
+  # Random access equals iteration.
+  np.testing.assert_array_equal(ds[spe + 3]['label'], run1[spe + 3]['label'])
+  # Each epoch is a permutation of distinct examples, and epochs differ.
+  e0 = np.concatenate([x['label'] for x in run1[:spe]])
+  e1 = np.concatenate([x['label'] for x in run1[spe:]])
+  assert not np.array_equal(e0, e1)
+  assert sorted(e0) != list(e0)
+  # A different seed gives different batches.
+  other = make_loader(src, batch_size=32, seed=8)[0]
+  assert not np.array_equal(other['label'], b['label'])
+
+
+def test_loader_finite_epochs_no_shuffle_transform(mnist1d):
+  src = mnist1d['test']
+  ds = make_loader(src, batch_size=300, seed=0, shuffle=False, num_epochs=1,
+                   drop_remainder=False,
+                   transform=lambda ex: {**ex, 'image': ex['image'] * 2})
+  batches = list(ds)
+  assert [len(x['label']) for x in batches] == [300, 300, 300, 100]
+  np.testing.assert_allclose(batches[0]['image'][0], 2 * np.asarray(src[0]['image']))
+  assert batches[0]['label'][0] == src[0]['label']
+  assert len(list(make_loader(src, batch_size=300, seed=0, num_epochs=2))) == 6
+
+
+def test_loader_random_transform_deterministic(digits):
+  src = digits['test']
+
+  def flip(ex, rng):
+    return {**ex, 'image': ex['image'][:, ::-1] if rng.random() < 0.5 else ex['image']}
+
+  a = make_loader(src, batch_size=16, seed=3, random_transform=flip)[5]
+  b = make_loader(src, batch_size=16, seed=3, random_transform=flip)[5]
+  np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_loader_bad_batch_size(digits):
+  with pytest.raises(ValueError):
+    make_loader(digits['test'], batch_size=0, seed=0)
+  with pytest.raises(ValueError):
+    make_loader(digits['test'], batch_size=1000, seed=0)
+
+
+def test_unknown_embedded_name():
+  with pytest.raises(ValueError, match='not an embedded'):
+    sources.prepare_embedded('nope', '/tmp')
