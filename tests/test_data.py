@@ -68,8 +68,7 @@ def test_digits_prepare_and_read(digits, data_dir):
     ref = np.asarray(jax.image.resize(d.images[j] / 16.0, (32, 32), 'bilinear'))
     for (r, c) in [(0, 0), (5, 9), (16, 16), (31, 30), (13, 22)]:
       assert abs(xtr[i, r, c, 0] - ref[r, c]) < 1e-5
-  # A pixel at an exact 8x8 pixel centre (interp weight 1 on each axis is not hit
-  # for 4x; corners are clamped so equal the source corner).
+  # Corner output pixels clamp to the source corner pixel.
   assert abs(xtr[0, 0, 0, 0] - d.images[idx_tr[0]][0, 0] / 16) < 1e-6
 
 
