@@ -1,0 +1,118 @@
+"""Optimizers and learning-rate schedules from an ml_collections config.
+
+`make_optimizer(config.optimizer)` reads one sub-dict:
+
+  name            'sgd' | 'momentum' | 'nesterov' | 'adam' | 'adamw' | 'rmsprop'
+  lr              peak learning rate (required)
+  momentum        for 'momentum'/'nesterov' (default 0.9); rmsprop's momentum (default 0)
+  weight_decay    0 turns it off. For 'adamw' it is decoupled (Loshchilov & Hutter:
+                  w -= lr * wd * w, outside Adam's normalisation). For every other
+                  optimizer it is L2 added to the gradient, g += wd * w, before momentum
+                  and the learning rate (AlexNet's 5e-4, Caffe and torch.optim.SGD).
+                  Either way it is applied only to leaves with ndim >= 2 (conv and
+                  dense kernels): biases and BatchNorm scale/bias (all 1-D) are not
+                  decayed, and BN running statistics are not params at all.
+  schedule        'constant' | 'cosine' | 'step' | 'warmup_cosine'
+  warmup_steps    linear warmup from 0 ('warmup_cosine')
+  decay_steps     total steps of the cosine ('cosine', 'warmup_cosine'; the warmup
+                  counts towards them for 'warmup_cosine')
+  boundaries      steps at which 'step' multiplies the lr by decay_factor
+  decay_factor    'step' multiplier (default 0.1)
+  grad_clip_norm  clip the raw gradient to this global norm first (None: off)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Tuple
+
+import jax
+import optax
+
+OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop')
+SCHEDULES = ('constant', 'cosine', 'step', 'warmup_cosine')
+_DEFAULTS = dict(name='sgd', lr=None, momentum=None, weight_decay=0.0, schedule='constant',
+                 warmup_steps=0, decay_steps=None, boundaries=(), decay_factor=0.1,
+                 grad_clip_norm=None)
+
+
+def _as_dict(config: Any) -> dict:
+  if hasattr(config, 'to_dict'):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ValueError(f'optimizer config must be a mapping, got {type(config).__name__}.')
+  bad = sorted(set(config) - set(_DEFAULTS))
+  if bad:
+    raise ValueError(f'unknown optimizer config key(s) {bad}; valid keys are '
+                     f'{sorted(_DEFAULTS)}.')
+  return {**_DEFAULTS, **dict(config)}
+
+
+def decay_mask(params):
+  """True for leaves that get weight decay: kernels (ndim >= 2), not biases or BN."""
+  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_schedule(config: Any) -> Callable[[Any], Any]:
+  """The learning-rate schedule step -> lr described by an optimizer config."""
+  c = _as_dict(config)
+  lr = c['lr']
+  if lr is None:
+    raise ValueError("optimizer config needs 'lr' (the peak learning rate).")
+  name = c['schedule']
+  if name not in SCHEDULES:
+    raise ValueError(f'unknown schedule {name!r} (key \'schedule\'); valid choices are '
+                     f'{list(SCHEDULES)}.')
+  if name == 'constant':
+    return optax.constant_schedule(lr)
+  if name == 'step':
+    if not c['boundaries']:
+      raise ValueError("schedule 'step' needs 'boundaries' (steps where the lr drops).")
+    return optax.piecewise_constant_schedule(
+        lr, {int(b): float(c['decay_factor']) for b in c['boundaries']})
+  if not c['decay_steps']:
+    raise ValueError(f"schedule {name!r} needs 'decay_steps' (total steps).")
+  if name == 'cosine':
+    return optax.cosine_decay_schedule(lr, int(c['decay_steps']))
+  if c['warmup_steps'] >= c['decay_steps']:
+    raise ValueError(f"'warmup_steps' ({c['warmup_steps']}) must be smaller than "
+                     f"'decay_steps' ({c['decay_steps']}).")
+  return optax.warmup_cosine_decay_schedule(0.0, lr, int(c['warmup_steps']),
+                                            int(c['decay_steps']))
+
+
+def make_optimizer(config: Any) -> Tuple[optax.GradientTransformation, Callable]:
+  """Builds the optax chain an optimizer config describes.
+
+  Args:
+    config: ConfigDict or dict with the keys in this module's docstring.
+  Returns:
+    (tx, schedule): the GradientTransformation and the step -> lr function (for
+    logging; tx already uses it).
+  Raises:
+    ValueError naming the key and the valid choices for an unknown optimizer,
+    schedule or key, or a missing value a schedule needs.
+  """
+  c = _as_dict(config)
+  name = c['name']
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r} (key 'name'); valid choices are "
+                     f'{list(OPTIMIZERS)}.')
+  schedule = make_schedule(c)
+  wd = float(c['weight_decay'] or 0.0)
+  parts = []
+  if c['grad_clip_norm'] is not None:
+    parts.append(optax.clip_by_global_norm(float(c['grad_clip_norm'])))
+  if wd and name != 'adamw':
+    parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+  if name == 'sgd':
+    parts.append(optax.sgd(schedule))
+  elif name in ('momentum', 'nesterov'):
+    m = 0.9 if c['momentum'] is None else float(c['momentum'])
+    parts.append(optax.sgd(schedule, momentum=m, nesterov=name == 'nesterov'))
+  elif name == 'adam':
+    parts.append(optax.adam(schedule))
+  elif name == 'adamw':
+    parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+  else:
+    m = 0.0 if c['momentum'] is None else float(c['momentum'])
+    parts.append(optax.rmsprop(schedule, momentum=m))
+  return optax.chain(*parts), schedule

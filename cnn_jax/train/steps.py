@@ -1,0 +1,202 @@
+"""Pure training and evaluation steps: (state, batch) -> (state, metrics).
+
+A batch is a dict with 'image' (the model input, batch axis first), 'label'
+(int class ids, shape [B]; 0/1 for a one-logit binary model) and optionally
+'mask' (1 for real examples, 0 for padding). Every hyperparameter is an
+argument; make_train_step/make_eval_step bind them from a config and jit.
+
+Nothing here is pmap-specific: under jax.jit with the batch sharded over a
+mesh axis (NamedSharding) the steps run unchanged and the means are global.
+Under pmap, pass axis_name so grads, BN statistics and metrics are averaged
+(train) or summed (eval) across devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnn_jax.train.state import TrainState
+
+LOSS_KEYS = ('label_smoothing', 'aux_weight')
+_LOSS_DEFAULTS = dict(label_smoothing=0.0, aux_weight=0.3)
+AUX_NAMES = ('aux1_logits', 'aux2_logits')
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example loss: softmax CE with int labels, or sigmoid BCE for one logit.
+
+  Label smoothing mixes the one-hot target with the uniform distribution (for
+  one logit: with 0.5)."""
+  if logits.shape[-1] == 1:
+    y = labels.astype(logits.dtype)
+    y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return optax.sigmoid_binary_cross_entropy(logits[..., 0], y)
+  num_classes = logits.shape[-1]
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def _correct(logits, labels):
+  if logits.shape[-1] == 1:
+    return ((logits[..., 0] > 0) == (labels > 0)).astype(jnp.float32)
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def _correct_top5(logits, labels):
+  _, top = jax.lax.top_k(logits, 5)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _mask(batch, labels):
+  m = batch.get('mask')
+  return jnp.ones(labels.shape, jnp.float32) if m is None else m.astype(jnp.float32)
+
+
+def _masked_mean(x, mask):
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
+                 aux_weight=0.3):
+  """Train-mode forward pass and loss.
+
+  loss = CE(logits) + aux_weight * sum_i CE(aux{i}_logits) for the GoogLeNet aux
+  logits sown in 'intermediates' (absent for other models). Masked examples count
+  for nothing. Returns (loss, (logits, parts, new_batch_stats)) where parts has
+  'ce_loss' and 'aux_loss' (the unweighted sum of aux CE terms).
+  """
+  logits, mutated = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+      rngs={'dropout': rng}, mutable=['batch_stats', 'intermediates'])
+  labels = batch['label']
+  mask = _mask(batch, labels)
+  ce = _masked_mean(cross_entropy(logits, labels, label_smoothing), mask)
+  aux = jnp.zeros((), ce.dtype)
+  inter = mutated.get('intermediates', {})
+  for name in AUX_NAMES:
+    for aux_logits in inter.get(name, ()):   # sow stores a tuple
+      aux = aux + _masked_mean(cross_entropy(aux_logits, labels, label_smoothing), mask)
+  loss = ce + aux_weight * aux
+  new_stats = mutated.get('batch_stats', state.batch_stats)
+  return loss, (logits, {'ce_loss': ce, 'aux_loss': aux}, new_stats)
+
+
+def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
+               aux_weight: float = 0.3, lr_schedule: Optional[Callable] = None,
+               axis_name: Optional[str] = None):
+  """One optimizer step. Pure: (state, batch) -> (new_state, metrics).
+
+  Args:
+    state: TrainState; dropout draws from fold_in(state.rng, state.step), so step
+      k's randomness depends on nothing but the base rng and k.
+    batch: dict with 'image', 'label' and optionally 'mask' (see module doc).
+    label_smoothing: mass moved from the true class to the uniform distribution.
+    aux_weight: weight of each auxiliary (GoogLeNet) loss term; 0.3 as the paper.
+    lr_schedule: step -> lr, only to report 'lr' (tx applies its own schedule).
+    axis_name: the pmap axis to average grads, BN statistics and metrics over;
+      None under jit (sharded or not).
+  Returns:
+    (new_state, metrics) with scalar 'loss' (total), 'ce_loss', 'aux_loss',
+    'accuracy', 'top5_accuracy' (>= 5 classes), 'grad_norm' (before clipping)
+    and 'lr' (when lr_schedule is given).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    # Each device draws its own dropout masks, as different examples would.
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  (loss, (logits, parts, new_stats)), grads = grad_fn(
+      state.params, state, batch, rng, label_smoothing=label_smoothing,
+      aux_weight=aux_weight)
+  labels = batch['label']
+  mask = _mask(batch, labels)
+  metrics = {'loss': loss, **parts, 'accuracy': _masked_mean(_correct(logits, labels), mask)}
+  if logits.shape[-1] >= 5:
+    metrics['top5_accuracy'] = _masked_mean(_correct_top5(logits, labels), mask)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    new_stats = jax.lax.pmean(new_stats, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  if lr_schedule is not None:
+    metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+  return state.apply_gradients(grads, batch_stats=new_stats), metrics
+
+
+def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None
+              ) -> Dict[str, jax.Array]:
+  """Eval-mode metrics as sums and a count, so batches aggregate exactly.
+
+  Returns 'loss_sum' (plain CE, no smoothing or aux terms), 'correct',
+  'correct_top5' (>= 5 classes) and 'count', all summed over the unmasked
+  examples (and over devices under pmap). finalize_eval_metrics turns summed
+  totals into means.
+  """
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          batch['image'], train=False)
+  labels = batch['label']
+  mask = _mask(batch, labels)
+  out = {'loss_sum': jnp.sum(cross_entropy(logits, labels) * mask),
+         'correct': jnp.sum(_correct(logits, labels) * mask),
+         'count': jnp.sum(mask)}
+  if logits.shape[-1] >= 5:
+    out['correct_top5'] = jnp.sum(_correct_top5(logits, labels) * mask)
+  if axis_name is not None:
+    out = jax.lax.psum(out, axis_name)
+  return out
+
+
+def finalize_eval_metrics(totals: Dict[str, Any]) -> Dict[str, float]:
+  """Summed eval_step outputs (one dict or a list of them) -> means on the host."""
+  if isinstance(totals, (list, tuple)):
+    totals = jax.tree_util.tree_map(lambda *xs: sum(float(x) for x in xs), *totals)
+  n = float(totals['count'])
+  out = {'loss': float(totals['loss_sum']) / n, 'accuracy': float(totals['correct']) / n}
+  if 'correct_top5' in totals:
+    out['top5_accuracy'] = float(totals['correct_top5']) / n
+  out['count'] = n
+  return out
+
+
+def _loss_config(config) -> dict:
+  if config is None:
+    return dict(_LOSS_DEFAULTS)
+  if hasattr(config, 'to_dict'):
+    config = config.to_dict()
+  bad = sorted(set(config) - set(LOSS_KEYS))
+  if bad:
+    raise ValueError(f'unknown loss config key(s) {bad}; valid keys are {list(LOSS_KEYS)}.')
+  return {**_LOSS_DEFAULTS, **dict(config)}
+
+
+def make_train_step(config=None, lr_schedule: Optional[Callable] = None, *,
+                    axis_name: Optional[str] = None):
+  """train_step with the loss config bound, jitted with the state donated.
+
+  Args:
+    config: ConfigDict/dict with 'label_smoothing' (default 0) and 'aux_weight'
+      (default 0.3); None for the defaults.
+    lr_schedule: reported as metrics['lr'] (from optim.make_optimizer).
+    axis_name: if given, the step is jax.pmap'd over that axis instead (state
+      and batch then carry a leading device axis).
+  """
+  c = _loss_config(config)
+  fn = functools.partial(train_step, label_smoothing=float(c['label_smoothing']),
+                         aux_weight=float(c['aux_weight']), lr_schedule=lr_schedule,
+                         axis_name=axis_name)
+  if axis_name is not None:
+    return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
+  return jax.jit(fn, donate_argnums=(0,))
+
+
+def make_eval_step(*, axis_name: Optional[str] = None):
+  """eval_step jitted (or pmap'd over axis_name); the state is not donated."""
+  fn = functools.partial(eval_step, axis_name=axis_name)
+  if axis_name is not None:
+    return jax.pmap(fn, axis_name=axis_name)
+  return jax.jit(fn)
