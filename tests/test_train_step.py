@@ -218,6 +218,15 @@ def test_eval_metrics_exact_with_mask_and_uneven_batches():
   assert out['accuracy'] == pytest.approx(ref_acc)
   assert out['top5_accuracy'] == pytest.approx(ref_top5)
 
+  # Summed over 8 devices under pmap: the same totals (padded to 16 examples).
+  pad = lambda a: np.concatenate([a, np.zeros((5,) + a.shape[1:], a.dtype)])
+  sharded = {'image': pad(logits), 'label': pad(labels), 'mask': pad(mask)}
+  sharded = jax.tree_util.tree_map(lambda a: a.reshape((8, 2) + a.shape[1:]), sharded)
+  totals = jax.tree_util.tree_map(lambda x: x[0], steps.make_eval_step(axis_name='b')(
+      jax.tree_util.tree_map(lambda x: jnp.stack([x] * 8), state), sharded))
+  for k, v in steps.finalize_eval_metrics(totals).items():
+    assert v == pytest.approx(out[k], rel=1e-6), k
+
 
 # ---------------------------------------------------------------- devices
 

@@ -99,7 +99,9 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
     aux_weight: weight of each auxiliary (GoogLeNet) loss term; 0.3 as the paper.
     lr_schedule: step -> lr, only to report 'lr' (tx applies its own schedule).
     axis_name: the pmap axis to average grads, BN statistics and metrics over;
-      None under jit (sharded or not).
+      None under jit (sharded or not). Under pmap each device's loss is its own
+      masked mean, so with a 'mask' that pads devices unevenly the pmean weights
+      devices, not examples; jit over a sharded batch has no such caveat.
   Returns:
     (new_state, metrics) with scalar 'loss' (total), 'ce_loss', 'aux_loss',
     'accuracy', 'top5_accuracy' (>= 5 classes), 'grad_norm' (before clipping)
