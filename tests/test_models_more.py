@@ -17,7 +17,7 @@ import pytest
 
 from cnn_jax.analysis import count_params
 from cnn_jax.models import densenet, highway, mobilenet, registry, sequence
-from model_testing import random_variables as _random_variables
+from model_testing import check_train_step_ours_vs_flax, random_variables as _random_variables
 
 # Trainable parameters (BN scale and bias included, running statistics not).
 PARAMS = {
@@ -276,52 +276,17 @@ def test_dense_block_concatenates_its_input_unchanged(fast_compile):
 
 
 def check_ours_vs_flax(name, num_classes=5, compare=True):
-  """One train-mode step of registered model `name` with cnn_jax.nn.Conv and
-  (if `compare`) flax.linen.Conv on the same variables: equal logits,
-  gradients and BN statistics; every parameter gets a gradient."""
+  """Registered model `name` with our Conv vs flax.linen.Conv: see
+  check_train_step_ours_vs_flax."""
   entry = registry.model_info(name)
   ours = registry.get_model(name, num_classes=num_classes)
+  ref = registry.get_model(name, num_classes=num_classes, conv=nn.Conv) if compare else None
   rng = np.random.default_rng(0)
   if name in INT_INPUT:
     x = rng.integers(0, ours.vocab_size, (2,) + entry.input_shape).astype(np.int32)
   else:
     x = rng.standard_normal((2,) + entry.input_shape).astype(np.float32)
-  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-  variables = _random_variables(
-      jax.eval_shape(lambda x: ours.init(rngs, x, train=False), x), seed=1)
-  weights = jnp.arange(1.0, num_classes + 1)
-
-  def step(model):
-    def loss(p):
-      out, state = model.apply({**variables, 'params': p}, x, train=True,
-                               mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)})
-      return jnp.sum(out * weights), (out, state.get('batch_stats', {}))
-    (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables['params'])
-    return out, stats, grads
-
-  out, stats, grads = step(ours)
-  assert out.shape == (2, num_classes)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    assert np.any(np.asarray(g) != 0), f'no gradient reaches {jax.tree_util.keystr(path)}'
-  if 'batch_stats' in variables:
-    moved = jax.tree_util.tree_map(lambda new, old: bool(np.any(np.asarray(new) != old)),
-                                   stats, variables['batch_stats'])
-    assert all(jax.tree_util.tree_leaves(moved)), moved
-  if not compare:
-    return
-  ref = registry.get_model(name, num_classes=num_classes, conv=nn.Conv)
-  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
-      jax.eval_shape(lambda x: ref.init(rngs, x, train=False), x))
-  out_ref, stats_ref, grads_ref = step(ref)
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-  for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
-                              jax.tree_util.tree_leaves(grads_ref)):
-    scale = max(float(jnp.max(jnp.abs(g_ref))), 1.0)
-    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5 * scale,
-                               err_msg=jax.tree_util.keystr(path))
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+  check_train_step_ours_vs_flax(ours, ref, x, num_classes, compare)
 
 
 @pytest.mark.parametrize('name', ['mobilenet_v1_tiny', 'mobilenet_v2_tiny', 'densenet_tiny',

@@ -13,7 +13,7 @@ import pytest
 import cnn_jax.models.resnet as resnet  # registers the family
 from cnn_jax.analysis import count_params
 from cnn_jax.models import registry
-from model_testing import random_variables as _random_variables
+from model_testing import check_train_step_ours_vs_flax
 
 # torchvision's published counts (BN scale and bias trainable; running
 # statistics are batch_stats).
@@ -261,52 +261,11 @@ def test_errors_name_the_problem():
 
 
 def check_ours_vs_flax(builder, input_shape, num_classes=5, compare=True):
-  """One train-mode step with cnn_jax.nn.Conv and (if `compare`) with
-  flax.linen.Conv on the same variables: equal logits, gradients and BN
-  statistics; every parameter gets a gradient; BN statistics move."""
+  """`builder` with our Conv vs flax.linen.Conv: see check_train_step_ours_vs_flax."""
   ours, ref = builder(num_classes=num_classes), builder(num_classes=num_classes,
                                                         conv=nn.Conv)
   x = np.random.default_rng(0).standard_normal((2,) + input_shape).astype(np.float32)
-  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-  variables = _random_variables(
-      jax.eval_shape(lambda x: ours.init(rngs, x, train=False), x), seed=1)
-  weights = jnp.arange(1.0, num_classes + 1)
-
-  def step(model):
-    def loss(p):
-      out, state = model.apply({**variables, 'params': p}, x, train=True,
-                               mutable=['batch_stats', 'intermediates'],
-                               rngs={'dropout': jax.random.key(2)})
-      # Aux heads (sown in train mode) join the loss as in GoogLeNet's paper.
-      aux = sum(jnp.sum(v[0] * weights) for k, v in state['intermediates'].items()
-                if k.startswith('aux'))
-      return jnp.sum(out * weights) + 0.3 * aux, (out, state.get('batch_stats', {}))
-    (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables['params'])
-    return out, stats, grads
-
-  out, stats, grads = step(ours)
-  assert out.shape == (2, num_classes)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    assert np.any(np.asarray(g) != 0), f'no gradient reaches {jax.tree_util.keystr(path)}'
-  if 'batch_stats' in variables:
-    moved = jax.tree_util.tree_map(lambda new, old: bool(np.any(np.asarray(new) != old)),
-                                   stats, variables['batch_stats'])
-    assert all(jax.tree_util.tree_leaves(moved)), moved
-  if not compare:
-    return
-  # Same tree, so checkpoints and imported weights fit either conv.
-  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
-      jax.eval_shape(lambda x: ref.init(rngs, x, train=False), x))
-  out_ref, stats_ref, grads_ref = step(ref)
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-  for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
-                              jax.tree_util.tree_leaves(grads_ref)):
-    scale = max(float(jnp.max(jnp.abs(g_ref))), 1.0)
-    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5 * scale,
-                               err_msg=jax.tree_util.keystr(path))
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_ref)
+  check_train_step_ours_vs_flax(ours, ref, x, num_classes, compare)
 
 
 @pytest.mark.parametrize('builder,input_shape', [
