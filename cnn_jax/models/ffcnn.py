@@ -26,13 +26,13 @@ cross-entropy, numerically stable on logits) or at prediction time
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 
 from cnn_jax import nn as cnn
 from cnn_jax.models import registry
+from cnn_jax.models.common import batch_norm
 
 ModuleDef = Any
 
@@ -45,8 +45,7 @@ class ExampleFFCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = batch_norm(train, self.dtype)
     # Tuple kernels and explicit (lo, hi) pads so flax.linen.Conv reads them the same.
     x = self.conv(3, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   name='conv1')(x)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from cnn_jax import nn as cnn
 from cnn_jax.models import registry
+from cnn_jax.models.common import batch_norm
 
 ModuleDef = Any
 
@@ -228,8 +229,7 @@ class GoogLeNet(nn.Module):
     norm = None
     if self.batch_norm:
       # eps 1e-3 as torchvision's BasicConv2d, so imported statistics mean the same.
-      norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                               epsilon=1e-3, dtype=self.dtype, axis_name=self.bn_axis_name)
+      norm = batch_norm(train, self.dtype, self.bn_axis_name, epsilon=1e-3)
     unit = functools.partial(ConvUnit, conv=self.conv, norm=norm, dtype=self.dtype)
     # Caffe's LRN averages over the window (alpha / size); ours multiplies the sum.
     lrn = functools.partial(cnn.LRN, size=5, k=1.0, alpha=1e-4 / 5, beta=0.75)

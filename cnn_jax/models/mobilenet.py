@@ -32,6 +32,8 @@ import jax.numpy as jnp
 
 from cnn_jax import nn as cnn
 from cnn_jax.models import registry
+from cnn_jax.models.common import batch_norm as _batch_norm
+from cnn_jax.models.common import symmetric_padding as _pad
 
 ModuleDef = Any
 
@@ -39,16 +41,8 @@ ModuleDef = Any
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _pad(k: int):
-  """Symmetric k // 2 padding, as torchvision pads (a 'SAME' stride-2 conv would
-  pad (0, 1) and shift every output of an imported net)."""
-  return ((k // 2, k // 2), (k // 2, k // 2))
 
 
-def _batch_norm(train: bool, dtype, axis_name):
-  # momentum 0.9 is PyTorch's 0.1 (flax: new = m * old + (1 - m) * batch).
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype, axis_name=axis_name)
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) -> int:

@@ -30,13 +30,15 @@ Param trees are named for checkpoint paths, weight import and freezing:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cnn_jax import nn as cnn
 from cnn_jax.models import registry
+from cnn_jax.models.common import batch_norm as _batch_norm
+from cnn_jax.models.common import symmetric_padding as _pad
 
 ModuleDef = Any
 
@@ -48,10 +50,6 @@ _HE_INIT = nn.initializers.he_normal()
 _SHORTCUTS = ('A', 'B', 'C', 'none')
 
 
-def _pad(k: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-  """Symmetric 'same' padding k // 2, as torchvision pads (weight import relies on
-  it): 'SAME' would pad a stride-2 conv (0, 1) and shift every output."""
-  return ((k // 2, k // 2), (k // 2, k // 2))
 
 
 def _conv(conv: ModuleDef, features: int, k: int, strides: int = 1, groups: int = 1,
@@ -235,10 +233,6 @@ class PreActBottleneckBlock(_PreActBlock):
     return self._residual_add(x, a, y)
 
 
-def _batch_norm(train: bool, dtype, axis_name, epsilon: float = 1e-5):
-  # momentum 0.9 is PyTorch's 0.1 (flax: new = m * old + (1 - m) * batch).
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=epsilon, dtype=dtype, axis_name=axis_name)
 
 
 def _stages(mdl, x, *, norm, conv, stage_sizes, widths, first_strides,

@@ -31,6 +31,7 @@ import flax.linen as nn
 from cnn_jax import nn as cnn
 from cnn_jax import ops
 from cnn_jax.models import registry
+from cnn_jax.models.common import batch_norm
 from cnn_jax.models.alexnet import AdaptiveAvgPool
 
 ModuleDef = Any
@@ -70,8 +71,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = batch_norm(train, self.dtype)
     for b, widths in enumerate(self.blocks, start=1):
       for c, features in enumerate(widths, start=1):
         x = self.conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
