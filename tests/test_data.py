@@ -169,7 +169,10 @@ def test_loader_finite_epochs_no_shuffle_transform(mnist1d):
                    drop_remainder=False,
                    transform=lambda ex: {**ex, 'image': ex['image'] * 2})
   batches = list(ds)
-  assert [len(x['label']) for x in batches] == [300, 300, 300, 100]
+  # The last batch is padded to full size; its mask marks the 100 real examples.
+  assert [len(x['label']) for x in batches] == [300, 300, 300, 300]
+  assert [int(x['mask'].sum()) for x in batches] == [300, 300, 300, 100]
+  assert not batches[-1]['image'][100:].any()
   np.testing.assert_allclose(batches[0]['image'][0], 2 * np.asarray(src[0]['image']))
   assert batches[0]['label'][0] == src[0]['label']
   assert len(list(make_loader(src, batch_size=300, seed=0, num_epochs=2))) == 6
@@ -196,3 +199,33 @@ def test_loader_bad_batch_size(digits):
 def test_unknown_embedded_name():
   with pytest.raises(ValueError, match='not an embedded'):
     sources.prepare_embedded('nope', '/tmp')
+
+
+def test_loader_process_shards_reassemble_the_global_batch(digits):
+  src = digits['test']
+  full = make_loader(src, batch_size=32, seed=5, random_transform=_noise)
+  parts = [make_loader(src, batch_size=32, seed=5, random_transform=_noise,
+                       process_index=p, process_count=4) for p in range(4)]
+  for step in (0, 10, 11, 25):   # 11 steps per epoch: crosses epochs
+    want = full[step]
+    got = [ds[step] for ds in parts]
+    assert all(g['label'].shape == (8,) for g in got)
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+  with pytest.raises(ValueError, match='divisible by the number of processes'):
+    make_loader(src, batch_size=30, seed=0, process_count=4)
+
+
+def test_eval_loader_shards_pad_with_mask(mnist1d):
+  src = mnist1d['test']   # 1,000 examples: 3 full global batches of 300 and 100 left
+  parts = [list(make_loader(src, batch_size=300, seed=0, shuffle=False, num_epochs=1,
+                            drop_remainder=False, process_index=p, process_count=2))
+           for p in range(2)]
+  assert [len(p) for p in parts] == [4, 4]
+  assert sum(float(b['mask'].sum()) for p in parts for b in p) == 1000
+  # Process 0 holds rows 900..999 of the last global batch, process 1 only padding.
+  assert parts[0][-1]['mask'].sum() == 100 and parts[1][-1]['mask'].sum() == 0
+
+
+def _noise(ex, rng):
+  return {**ex, 'image': ex['image'] + rng.normal(size=ex['image'].shape).astype(np.float32)}

@@ -10,7 +10,8 @@
 
 ``make_loader(source, batch_size=..., seed=...)``
   a grain ``MapDataset`` pipeline yielding ``{'image': float32 (B, ...), 'label': int32
-  (B,)}`` batches, deterministic given the seed and reshuffled every epoch.
+  (B,), 'mask': float32 (B,)}`` batches, deterministic given the seed, reshuffled
+  every epoch, indexable by step, and split by rows across processes (multi-host).
 """
 from __future__ import annotations
 
@@ -114,19 +115,39 @@ def make_loader(
     drop_remainder: bool = True,
     transform: Callable[[dict], dict] | None = None,
     random_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.MapDataset:
-  """A grain MapDataset of dict batches {'image': (B, ...) f32, 'label': (B,) i32}.
+  """A grain MapDataset of dict batches {'image', 'label', 'mask'}.
 
   Pipeline: source -> seed -> shuffle (a new permutation every epoch) -> to_example
   -> transform -> random_transform (per-example numpy Generator, seeded from `seed`,
-  index and epoch) -> batch (per epoch, so no batch straddles two epochs) -> repeat.
-  ``num_epochs=None`` repeats forever. The result supports ``len``, indexing
-  ``ds[step]`` (random access: step i is the same batch on every run) and iteration.
+  the element's index and the epoch) -> repeat -> global batches of `batch_size`
+  (per epoch: no batch straddles two epochs) -> this process's rows.
+
+  Every process builds the same sequence of global batches and reads only its own
+  rows ``[p * b, (p + 1) * b)`` of each, ``b = batch_size // process_count``; so
+  the global batch at step k is the same whether it is read by one process or by
+  many, and no process decodes another's examples.
+
+  ``drop_remainder=False`` (evaluation) keeps the last partial batch at full size,
+  padded with zero examples whose 'mask' is 0 (real examples have mask 1): shapes
+  stay static and masked sums stay exact. ``num_epochs=None`` repeats forever.
+  The result supports ``len``, indexing ``ds[step]`` (random access: step k is the
+  same batch on every run, which is how a resumed run continues its data) and
+  iteration.
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
-  if drop_remainder and batch_size > len(source):
-    raise ValueError(f'batch_size {batch_size} > dataset size {len(source)} with '
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} must be in [0, process_count='
+                     f'{process_count}).')
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the number of '
+                     f'processes {process_count}; choose a multiple of {process_count}.')
+  n = len(source)
+  if drop_remainder and batch_size > n:
+    raise ValueError(f'batch_size {batch_size} > dataset size {n} with '
                      'drop_remainder=True would give no batches.')
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
@@ -136,10 +157,35 @@ def make_loader(
     ds = ds.map(transform)
   if random_transform is not None:
     ds = ds.random_map(random_transform)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
-  return ds
+  ds = ds.repeat(num_epochs)
+
+  local = batch_size // process_count
+  per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+  epochs = num_epochs if num_epochs is not None else 10**12 // max(per_epoch * local, 1)
+  template = []
+
+  def padding():
+    if not template:
+      template.append(_padding_example(ds[0]))
+    return template[0]
+
+  def fetch(i):
+    step, r = divmod(i, local)
+    epoch, j = divmod(step, per_epoch)
+    pos = j * batch_size + process_index * local + r
+    if pos >= n:
+      return padding()
+    return {**ds[epoch * n + pos], 'mask': np.float32(1.0)}
+
+  out = grain.MapDataset.range(per_epoch * local * epochs).map(fetch)
+  return out.batch(local, drop_remainder=False)
+
+
+def _padding_example(example: dict) -> dict:
+  """A padding example: zeros shaped like `example`, with mask 0."""
+  out = {k: np.zeros_like(np.asarray(v)) for k, v in example.items()}
+  out['mask'] = np.float32(0.0)
+  return out
 
 
 def steps_per_epoch(source, batch_size: int, drop_remainder: bool = True) -> int:
