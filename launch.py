@@ -1,11 +1,16 @@
 """The one entry point, and the only file that defines flags.
 
-  python launch.py --mode=demo
+  python launch.py --config=configs/lenet5_digits.py --workdir=runs/lenet5_digits
+  python launch.py --config=configs/lenet5_digits.py --workdir=runs/lenet5_digits --mode=eval
+  python launch.py --config=configs/resnet20_cifar10.py --workdir=runs/r20 \
+      --config.optimizer.lr=0.05 --config.batch_size=64
   python launch.py --mode=summary --model=alexnet [--input_shape=227,227,3]
-  python launch.py --config=configs/NAME.py --workdir=DIR --mode=train
+  python launch.py --mode=demo
 
 Everything it calls is an importable library function.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -15,9 +20,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'fields with --config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'demo', ['demo', 'summary'],
-    'demo: the notes\' worked examples and gradient checks on our ops; '
-    'summary: per-layer table of --model (or the config\'s model).')
+    'mode', 'train', ['train', 'eval', 'summary', 'demo'],
+    'train: train (or resume) the config in --workdir, then evaluate; '
+    'eval: evaluate the latest checkpoint in --workdir; '
+    'summary: per-layer table of --model (or the config\'s model); '
+    'demo: the notes\' worked examples and gradient checks on our ops.')
 _MODEL = flags.DEFINE_string('model', None, 'Registered model name for --mode=summary.')
 _INPUT_SHAPE = flags.DEFINE_string(
     'input_shape', None, 'One example\'s shape for --mode=summary, e.g. 227,227,3 '
@@ -27,10 +34,12 @@ _INPUT_SHAPE = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _MODE.value == 'demo':
+  mode = _MODE.value
+  if mode == 'demo':
     from cnn_jax import demo
     print(demo.run())
-  elif _MODE.value == 'summary':
+    return
+  if mode == 'summary':
     from cnn_jax.analysis import tables
     config = _CONFIG.value
     name = _MODEL.value or (config.model if config is not None else None)
@@ -38,7 +47,26 @@ def main(argv):
       raise app.UsageError('--mode=summary needs --model=NAME or --config=FILE.')
     shape = tables.parse_shape(_INPUT_SHAPE.value) if _INPUT_SHAPE.value else None
     tables.model_summary(name, shape)
+    return
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError(f'--mode={mode} needs --config=configs/NAME.py and --workdir=DIR.')
+  from cnn_jax.train import loop
+  try:
+    if mode == 'train':
+      result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      if result.get('status') == 'stopped':
+        sys.exit(0)
+    else:
+      loop.evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, loop.NonFiniteLossError) as e:
+    # Config, data and checkpoint problems are the user's to fix: one clear line,
+    # not a traceback.
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
+  # Library INFO lines (orbax logs every save) drown the progress bar; --verbosity=0
+  # brings them back.
+  flags.FLAGS.set_default('verbosity', -1)
   app.run(main)

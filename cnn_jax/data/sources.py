@@ -188,10 +188,41 @@ def _padding_example(example: dict) -> dict:
   return out
 
 
+# Class counts of the embedded datasets, whose labels are plain integer tensors.
+_EMBEDDED_NUM_CLASSES = {'digits': 10, 'mnist1d': 10}
+
+
+def num_classes(source, name: str) -> int:
+  """Number of classes of a dataset: its tfds ClassLabel, or the embedded table."""
+  base = _split_name(name)[0]
+  if base in _EMBEDDED_NUM_CLASSES:
+    return _EMBEDDED_NUM_CLASSES[base]
+  info = getattr(source, 'dataset_info', None)
+  label = None
+  try:
+    label = info.features['label']
+  except (AttributeError, KeyError, TypeError):
+    pass
+  n = getattr(label, 'num_classes', None)
+  if not n:
+    raise ValueError(f'cannot tell the number of classes of dataset {name!r} (no tfds '
+                     "ClassLabel 'label' feature); set config.num_classes.")
+  return int(n)
+
+
+def read_options(num_threads: int | None = None, prefetch: int = 4) -> grain.ReadOptions:
+  """grain read options for the training iterator: a few reader threads that
+  prefetch whole batches while the step runs."""
+  if num_threads is None:
+    num_threads = min(8, max(2, os.cpu_count() or 2))
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+
+
 def steps_per_epoch(source, batch_size: int, drop_remainder: bool = True) -> int:
   n = len(source)
   return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
 __all__: list[Any] = ['EMBEDDED', 'default_data_dir', 'prepare_embedded', 'get_source',
-                      'make_loader', 'steps_per_epoch', 'to_example']
+                      'make_loader', 'num_classes', 'read_options', 'steps_per_epoch',
+                      'to_example']

@@ -12,13 +12,20 @@
                   Either way it is applied only to leaves with ndim >= 2 (conv and
                   dense kernels): biases and BatchNorm scale/bias (all 1-D) are not
                   decayed, and BN running statistics are not params at all.
-  schedule        'constant' | 'cosine' | 'step' | 'warmup_cosine'
+  schedule        'constant' | 'cosine' | 'step' | 'warmup_cosine' | 'plateau'
   warmup_steps    linear warmup from 0 ('warmup_cosine')
   decay_steps     total steps of the cosine ('cosine', 'warmup_cosine'; the warmup
                   counts towards them for 'warmup_cosine')
   boundaries      steps at which 'step' multiplies the lr by decay_factor
   decay_factor    'step' multiplier (default 0.1)
   grad_clip_norm  clip the raw gradient to this global norm first (None: off)
+  plateau_factor  'plateau': multiply the lr by this when the monitored validation
+                  metric has not improved for plateau_patience evaluations
+                  (AlexNet: "divide the learning rate by 10 when the validation error
+                  rate stopped improving"). The factor applied so far lives in the
+                  optimizer state (an inject_hyperparams scale at the end of the
+                  chain), so it is checkpointed and a resumed run keeps it; the loop
+                  decides when to reduce (see plateau_scale / set_plateau_scale).
 """
 from __future__ import annotations
 
@@ -28,10 +35,10 @@ import jax
 import optax
 
 OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop')
-SCHEDULES = ('constant', 'cosine', 'step', 'warmup_cosine')
+SCHEDULES = ('constant', 'cosine', 'step', 'warmup_cosine', 'plateau')
 _DEFAULTS = dict(name='sgd', lr=None, momentum=None, weight_decay=0.0, schedule='constant',
                  warmup_steps=0, decay_steps=None, boundaries=(), decay_factor=0.1,
-                 grad_clip_norm=None)
+                 grad_clip_norm=None, plateau_factor=0.1, plateau_patience=2)
 
 
 def _as_dict(config: Any) -> dict:
@@ -61,7 +68,7 @@ def make_schedule(config: Any) -> Callable[[Any], Any]:
   if name not in SCHEDULES:
     raise ValueError(f'unknown schedule {name!r} (key \'schedule\'); valid choices are '
                      f'{list(SCHEDULES)}.')
-  if name == 'constant':
+  if name in ('constant', 'plateau'):
     return optax.constant_schedule(lr)
   if name == 'step':
     if not c['boundaries']:
@@ -115,4 +122,38 @@ def make_optimizer(config: Any) -> Tuple[optax.GradientTransformation, Callable]
   else:
     m = 0.0 if c['momentum'] is None else float(c['momentum'])
     parts.append(optax.rmsprop(schedule, momentum=m))
+  if c['schedule'] == 'plateau':
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
   return optax.chain(*parts), schedule
+
+
+def check_config(config: Any) -> None:
+  """Raises the ValueError make_optimizer would. decay_steps may be None for the
+  cosine schedules (the training loop sets it to the run's length)."""
+  c = _as_dict(config)
+  if c['decay_steps'] is None and c['schedule'] in ('cosine', 'warmup_cosine'):
+    # The loop fills in the run's length; check the rest with any valid value.
+    c['decay_steps'] = int(c['warmup_steps']) + 1
+  make_optimizer(c)
+  if c['schedule'] == 'plateau':
+    if not 0.0 < float(c['plateau_factor']) < 1.0:
+      raise ValueError(f"'plateau_factor' must be in (0, 1), got {c['plateau_factor']}.")
+    if int(c['plateau_patience']) < 1:
+      raise ValueError(f"'plateau_patience' must be >= 1, got {c['plateau_patience']}.")
+
+
+def plateau_scale(opt_state) -> float | None:
+  """The lr multiplier reduce-on-plateau has applied so far (None: not 'plateau')."""
+  last = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
+  hp = getattr(last, 'hyperparams', None)
+  if not hp or 'step_size' not in hp:
+    return None
+  return float(hp['step_size'])
+
+
+def set_plateau_scale(opt_state, value: float):
+  """opt_state with the reduce-on-plateau multiplier replaced by value."""
+  last = opt_state[-1]
+  hp = dict(last.hyperparams)
+  hp['step_size'] = jax.numpy.asarray(value, jax.numpy.asarray(hp['step_size']).dtype)
+  return opt_state[:-1] + (last._replace(hyperparams=hp),)

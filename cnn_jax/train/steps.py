@@ -17,44 +17,82 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from cnn_jax.train import metrics as metrics_lib
 from cnn_jax.train.state import TrainState
 
-LOSS_KEYS = ('label_smoothing', 'aux_weight')
-_LOSS_DEFAULTS = dict(label_smoothing=0.0, aux_weight=0.3)
+LOSS_KEYS = ('name', 'label_smoothing', 'aux_weight')
+LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse')
+_LOSS_DEFAULTS = dict(name='cross_entropy', label_smoothing=0.0, aux_weight=0.3)
 AUX_NAMES = ('aux1_logits', 'aux2_logits')
 
 
-def cross_entropy(logits, labels, label_smoothing=0.0):
-  """Per-example loss: softmax CE with int labels, or sigmoid BCE for one logit.
+def _targets(logits, labels, label_smoothing):
+  """Integer ids -> one-hot; float targets shaped like logits are used as given.
+  Smoothing mixes them with the uniform distribution."""
+  num_classes = logits.shape[-1]
+  if labels.ndim == logits.ndim:
+    target = labels.astype(logits.dtype)
+  else:
+    target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  return target * (1.0 - label_smoothing) + label_smoothing / num_classes
 
-  Label smoothing mixes the one-hot target with the uniform distribution (for
-  one logit: with 0.5)."""
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example loss: softmax CE with int (or one-hot/soft) labels; sigmoid BCE
+  for one logit (labels 0/1, smoothed towards 0.5)."""
   if logits.shape[-1] == 1:
-    y = labels.astype(logits.dtype)
+    y = labels.astype(logits.dtype).reshape(logits.shape[:-1])
     y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
     return optax.sigmoid_binary_cross_entropy(logits[..., 0], y)
-  num_classes = logits.shape[-1]
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-  onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
-  return optax.softmax_cross_entropy(logits, onehot)
+  return optax.softmax_cross_entropy(logits, _targets(logits, labels, label_smoothing))
+
+
+def sigmoid_cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example sum over classes of independent sigmoid BCEs (multi-label
+  targets shaped like logits, or int ids as one-hot)."""
+  if logits.shape[-1] == 1:
+    return cross_entropy(logits, labels, label_smoothing)
+  target = _targets(logits, labels, 0.0)
+  target = target * (1.0 - label_smoothing) + 0.5 * label_smoothing
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1)
+
+
+def mse(logits, labels, label_smoothing=0.0):
+  """Per-example squared error between the outputs and the (one-hot) targets,
+  summed over classes (the notes' quadratic cost)."""
+  return jnp.sum(jnp.square(logits - _targets(logits, labels, label_smoothing)), axis=-1)
+
+
+LOSS_FNS = {'cross_entropy': cross_entropy, 'sigmoid_cross_entropy': sigmoid_cross_entropy,
+            'mse': mse}
+
+
+def _label_ids(logits, labels):
+  """Class ids for accuracy: one-hot/soft targets -> argmax."""
+  if labels.ndim == logits.ndim and logits.shape[-1] > 1:
+    return jnp.argmax(labels, -1)
+  return labels
 
 
 def _correct(logits, labels):
+  labels = _label_ids(logits, labels)
   if logits.shape[-1] == 1:
     return ((logits[..., 0] > 0) == (labels > 0)).astype(jnp.float32)
   return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
 def _correct_top5(logits, labels):
+  labels = _label_ids(logits, labels)
   _, top = jax.lax.top_k(logits, 5)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
 def _mask(batch, labels):
   m = batch.get('mask')
-  return jnp.ones(labels.shape, jnp.float32) if m is None else m.astype(jnp.float32)
+  return jnp.ones(labels.shape[:1], jnp.float32) if m is None else m.astype(jnp.float32)
 
 
 def _masked_mean(x, mask):
@@ -62,10 +100,10 @@ def _masked_mean(x, mask):
 
 
 def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
-                 aux_weight=0.3):
+                 aux_weight=0.3, loss_name='cross_entropy'):
   """Train-mode forward pass and loss.
 
-  loss = CE(logits) + aux_weight * sum_i CE(aux{i}_logits) for the GoogLeNet aux
+  loss = L(logits) + aux_weight * sum_i L(aux{i}_logits), L = LOSS_FNS[loss_name] + aux_weight * sum_i CE(aux{i}_logits) for the GoogLeNet aux
   logits sown in 'intermediates' (absent for other models). Masked examples count
   for nothing. Returns (loss, (logits, parts, new_batch_stats)) where parts has
   'ce_loss' and 'aux_loss' (the unweighted sum of aux CE terms).
@@ -75,12 +113,13 @@ def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
       rngs={'dropout': rng}, mutable=['batch_stats', 'intermediates'])
   labels = batch['label']
   mask = _mask(batch, labels)
-  ce = _masked_mean(cross_entropy(logits, labels, label_smoothing), mask)
+  loss_fn = LOSS_FNS[loss_name]
+  ce = _masked_mean(loss_fn(logits, labels, label_smoothing), mask)
   aux = jnp.zeros((), ce.dtype)
   inter = mutated.get('intermediates', {})
   for name in AUX_NAMES:
     for aux_logits in inter.get(name, ()):   # sow stores a tuple
-      aux = aux + _masked_mean(cross_entropy(aux_logits, labels, label_smoothing), mask)
+      aux = aux + _masked_mean(loss_fn(aux_logits, labels, label_smoothing), mask)
   loss = ce + aux_weight * aux
   new_stats = mutated.get('batch_stats', state.batch_stats)
   return loss, (logits, {'ce_loss': ce, 'aux_loss': aux}, new_stats)
@@ -88,7 +127,7 @@ def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
 
 def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
                aux_weight: float = 0.3, lr_schedule: Optional[Callable] = None,
-               axis_name: Optional[str] = None):
+               axis_name: Optional[str] = None, loss_name: str = 'cross_entropy'):
   """One optimizer step. Pure: (state, batch) -> (new_state, metrics).
 
   Args:
@@ -96,10 +135,12 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
       k's randomness depends on nothing but the base rng and k.
     batch: dict with 'image', 'label' and optionally 'mask' (see module doc).
     label_smoothing: mass moved from the true class to the uniform distribution.
+    loss_name: 'cross_entropy', 'sigmoid_cross_entropy' or 'mse' (LOSS_FNS).
     aux_weight: weight of each auxiliary (GoogLeNet) loss term; 0.3 as the paper.
     lr_schedule: step -> lr, only to report 'lr' (tx applies its own schedule).
     axis_name: the pmap axis to average grads, BN statistics and metrics over;
-      None under jit (sharded or not). Under pmap each device's loss is its own
+      None under jit (sharded or not). Dropout keys are the same on every device
+      (see the comment in the body). Under pmap each device's loss is its own
       masked mean, so with a 'mask' that pads devices unevenly the pmean weights
       devices, not examples; jit over a sharded batch has no such caveat.
   Returns:
@@ -107,14 +148,13 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
     'accuracy', 'top5_accuracy' (>= 5 classes), 'grad_norm' (before clipping)
     and 'lr' (when lr_schedule is given).
   """
+  # The same key on every device: models built with axis_name draw dropout masks
+  # by global example index (cnn_jax.nn.Dropout), so pmap matches jit.
   rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    # Each device draws its own dropout masks, as different examples would.
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, (logits, parts, new_stats)), grads = grad_fn(
       state.params, state, batch, rng, label_smoothing=label_smoothing,
-      aux_weight=aux_weight)
+      aux_weight=aux_weight, loss_name=loss_name)
   labels = batch['label']
   mask = _mask(batch, labels)
   metrics = {'loss': loss, **parts, 'accuracy': _masked_mean(_correct(logits, labels), mask)}
@@ -130,24 +170,29 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
 
 
-def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None
+def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None,
+              loss_name: str = 'cross_entropy', confusion: bool = False
               ) -> Dict[str, jax.Array]:
   """Eval-mode metrics as sums and a count, so batches aggregate exactly.
 
-  Returns 'loss_sum' (plain CE, no smoothing or aux terms), 'correct',
-  'correct_top5' (>= 5 classes) and 'count', all summed over the unmasked
-  examples (and over devices under pmap). finalize_eval_metrics turns summed
-  totals into means.
+  Returns 'loss_sum' (the unsmoothed loss_name loss, no aux terms), 'correct',
+  'correct_top5' (>= 5 classes), 'count' and, with confusion=True, the
+  'confusion' matrix (rows true, columns predicted; 2x2 for one logit), all summed
+  over the unmasked examples (and over devices under pmap). finalize_eval_metrics
+  turns summed totals into means.
   """
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                           batch['image'], train=False)
   labels = batch['label']
   mask = _mask(batch, labels)
-  out = {'loss_sum': jnp.sum(cross_entropy(logits, labels) * mask),
+  out = {'loss_sum': jnp.sum(LOSS_FNS[loss_name](logits, labels) * mask),
          'correct': jnp.sum(_correct(logits, labels) * mask),
          'count': jnp.sum(mask)}
   if logits.shape[-1] >= 5:
     out['correct_top5'] = jnp.sum(_correct_top5(logits, labels) * mask)
+  if confusion:
+    out['confusion'] = metrics_lib.confusion_matrix(
+        logits, _label_ids(logits, labels), max(2, logits.shape[-1]), mask)
   if axis_name is not None:
     out = jax.lax.psum(out, axis_name)
   return out
@@ -156,13 +201,19 @@ def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None
 def finalize_eval_metrics(totals: Dict[str, Any]) -> Dict[str, float]:
   """Summed eval_step outputs (one dict or a list of them) -> means on the host."""
   if isinstance(totals, (list, tuple)):
-    totals = jax.tree_util.tree_map(lambda *xs: sum(float(x) for x in xs), *totals)
+    totals = jax.tree_util.tree_map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs),
+                                    *totals)
   n = float(totals['count'])
   out = {'loss': float(totals['loss_sum']) / n, 'accuracy': float(totals['correct']) / n}
   if 'correct_top5' in totals:
     out['top5_accuracy'] = float(totals['correct_top5']) / n
   out['count'] = n
-  return out
+  if 'confusion' in totals:
+    report = metrics_lib.classification_report(np.asarray(totals['confusion']))
+    for key in ('macro_precision', 'macro_recall', 'macro_f1'):
+      if key in report:
+        out[key] = float(report[key])
+  return metrics_lib.add_error_rates(out)
 
 
 def _loss_config(config) -> dict:
@@ -173,7 +224,11 @@ def _loss_config(config) -> dict:
   bad = sorted(set(config) - set(LOSS_KEYS))
   if bad:
     raise ValueError(f'unknown loss config key(s) {bad}; valid keys are {list(LOSS_KEYS)}.')
-  return {**_LOSS_DEFAULTS, **dict(config)}
+  c = {**_LOSS_DEFAULTS, **dict(config)}
+  if c['name'] not in LOSS_FNS:
+    raise ValueError(f"unknown loss {c['name']!r} (key 'loss.name'); valid choices are "
+                     f'{list(LOSS_FNS)}.')
+  return c
 
 
 def make_train_step(config=None, lr_schedule: Optional[Callable] = None, *,
@@ -190,7 +245,7 @@ def make_train_step(config=None, lr_schedule: Optional[Callable] = None, *,
   c = _loss_config(config)
   fn = functools.partial(train_step, label_smoothing=float(c['label_smoothing']),
                          aux_weight=float(c['aux_weight']), lr_schedule=lr_schedule,
-                         axis_name=axis_name)
+                         axis_name=axis_name, loss_name=c['name'])
   if axis_name is not None:
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,))

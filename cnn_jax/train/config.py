@@ -1,0 +1,218 @@
+"""The training config: every key, its default and type, and the checks run before compute.
+
+Experiment files in ``configs/`` start from ``default_config()`` and change what
+differs::
+
+    from cnn_jax.train.config import default_config
+
+    def get_config():
+      config = default_config()
+      config.model = 'lenet5'
+      ...
+      return config
+
+``default_config()`` is locked: a misspelt key raises at once, naming the key, and
+a value of the wrong type (``--config.batch_size=abc``) raises naming the field.
+``validate(config)`` then checks values and combinations (the model exists, exactly
+one of num_epochs/num_train_steps, known optimizer and loss, parseable augmentation
+specs, ...) and returns a plain dict view. Configs given as plain dicts go through
+``from_dict`` for the same key and type checks.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+PARALLELISM = ('jit', 'pmap')
+CONV_IMPLS = ('cnn_jax', 'flax')
+LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse')
+BEST_MODES = ('max', 'min')
+# Keys that may change between runs in one workdir without --config.allow_config_change:
+# they steer how the run is observed or where it stops, not what it computes.
+MUTABLE_KEYS = ('allow_config_change', 'num_epochs', 'num_train_steps', 'log_every_steps',
+                'progress_bar', 'write_plots', 'print_summary', 'data_dir',
+                'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_steps')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key with its default. Locked: unknown keys are errors."""
+  c = ml_collections.ConfigDict()
+  # --- what is trained
+  c.model = ''                     # a name from cnn_jax.models.list_models()
+  c.model_kwargs = ml_collections.ConfigDict()  # extra fields for the model class
+  c.conv = 'cnn_jax'               # 'cnn_jax': our custom_vjp conv; 'flax': flax.linen.Conv
+  c.num_classes = placeholder(int)  # None: read from the dataset's label feature
+  # --- data (tfds data sources read with grain; see cnn_jax.data)
+  c.dataset = ''                   # 'digits', 'mnist1d' (embedded) or a prepared tfds name
+  c.data_dir = placeholder(str)    # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.train_split = 'train'
+  c.val_split = placeholder(str)   # e.g. 'train[90%:]' with train_split='train[:90%]'
+  c.eval_split = 'test'            # evaluated once at the end -> final_metrics.json
+  c.train_transform = ''           # augmentation spec, see cnn_jax.data.augment
+  c.eval_transform = ''
+  # --- schedule of the run
+  c.batch_size = 128               # global batch, split over devices and processes
+  c.eval_batch_size = placeholder(int)  # None: batch_size
+  c.num_epochs = placeholder(float)     # exactly one of num_epochs / num_train_steps
+  c.num_train_steps = placeholder(int)
+  c.seed = 0                       # params init, dropout and data order
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='momentum', lr=0.1, momentum=placeholder(float), weight_decay=0.0,
+      schedule='constant', warmup_steps=0, decay_steps=placeholder(int),
+      boundaries=(), decay_factor=0.1, grad_clip_norm=placeholder(float),
+      plateau_factor=0.1, plateau_patience=2))
+  c.loss = ml_collections.ConfigDict(dict(
+      name='cross_entropy', label_smoothing=0.0,
+      aux_weight=0.3))             # weight of GoogLeNet's auxiliary losses
+  # --- parallelism
+  c.parallelism = 'jit'            # 'jit': Mesh + NamedSharding; 'pmap': jax.pmap
+  c.num_devices = placeholder(int)  # None: all devices
+  c.distributed = False            # call jax.distributed.initialize() (multi-host)
+  c.coordinator_address = placeholder(str)  # 'host:port'; None: auto-detect (TPU, SLURM)
+  c.num_processes = placeholder(int)
+  c.process_id = placeholder(int)
+  # --- evaluation, checkpoints, stopping
+  c.log_every_steps = 50
+  c.eval_every_steps = placeholder(int)  # None: once per epoch (needs val_split)
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3           # the last K, plus the best by best_metric
+  c.best_metric = 'val/accuracy'   # chooses the best checkpoint and early stopping
+  c.best_mode = 'max'
+  c.early_stopping_patience = placeholder(int)  # evals without improvement; None: off
+  c.early_stopping_min_delta = 0.0
+  c.allow_config_change = False    # resume a workdir whose saved config differs
+  # --- output
+  c.progress_bar = True
+  c.write_plots = True
+  c.print_summary = True
+  c.lock()
+  c.model_kwargs.unlock()
+  return c
+
+
+def _close(key: str, choices) -> str:
+  near = difflib.get_close_matches(key, list(choices), n=3)
+  return f' Did you mean {" or ".join(repr(n) for n in near)}?' if near else ''
+
+
+def from_dict(values: Mapping[str, Any], base: ml_collections.ConfigDict | None = None,
+              prefix: str = '') -> ml_collections.ConfigDict:
+  """Applies nested `values` onto default_config() with key and type checks.
+
+  Raises ValueError naming the first unknown key (with close matches) or the key
+  whose value has the wrong type.
+  """
+  config = default_config() if base is None else base
+  for key, value in values.items():
+    name = prefix + key
+    if key == 'model_kwargs' and not prefix:
+      config.model_kwargs = ml_collections.ConfigDict(dict(value))
+      continue
+    if key not in config:
+      raise ValueError(f'unknown config key {name!r}.{_close(key, config.keys())} '
+                       f'Valid keys here: {sorted(config.keys())}.')
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping) and not hasattr(value, 'items'):
+        raise ValueError(f'config key {name!r} must be a mapping, got {value!r}.')
+      from_dict(value, config[key], prefix=name + '.')
+      continue
+    try:
+      config[key] = value
+    except TypeError as e:
+      raise ValueError(f'config key {name!r} has the wrong type: {e}') from None
+  return config
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f'config key {name!r} is {value!r}; valid choices are '
+                     f'{list(choices)}.{_close(str(value), choices)}')
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Checks a config before any compute and fills derived defaults.
+
+  Accepts a ConfigDict (built from default_config()) or a plain nested dict.
+  Returns the checked ConfigDict (unlocked copies are not made: fields stay typed).
+  Raises:
+    ValueError naming the key and the fix for every problem found first.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = from_dict(config)
+  else:
+    # A ConfigDict not built from default_config() still gets the key checks.
+    config = from_dict(config.to_dict())
+  from cnn_jax import models
+  if not config.model:
+    raise ValueError("config key 'model' is empty; set it to one of "
+                     f'cnn_jax.models.list_models(), e.g. {models.list_models()[:5]}.')
+  models.model_info(config.model)   # raises with close matches if unknown
+  if not config.dataset:
+    raise ValueError("config key 'dataset' is empty; set e.g. 'digits' (embedded, offline) "
+                     "or a prepared tfds dataset such as 'cifar10'.")
+  if (config.num_epochs is None) == (config.num_train_steps is None):
+    raise ValueError("set exactly one of 'num_epochs' and 'num_train_steps' "
+                     f'(got num_epochs={config.num_epochs}, '
+                     f'num_train_steps={config.num_train_steps}).')
+  for key in ('num_epochs', 'num_train_steps', 'batch_size', 'eval_batch_size',
+              'checkpoint_every_steps', 'keep_checkpoints', 'log_every_steps',
+              'eval_every_steps', 'num_devices'):
+    v = config[key]
+    if v is not None and v <= 0:
+      raise ValueError(f'config key {key!r} must be positive, got {v}.')
+  _check_choice('parallelism', config.parallelism, PARALLELISM)
+  _check_choice('conv', config.conv, CONV_IMPLS)
+  _check_choice('loss.name', config.loss.name, LOSSES)
+  _check_choice('best_mode', config.best_mode, BEST_MODES)
+  if not 0.0 <= config.loss.label_smoothing < 1.0:
+    raise ValueError("config key 'loss.label_smoothing' must be in [0, 1), got "
+                     f'{config.loss.label_smoothing}.')
+  if config.best_metric and not config.best_metric.startswith(('val/', 'train/')):
+    raise ValueError("config key 'best_metric' must name a logged metric such as "
+                     f"'val/accuracy' or 'train/loss', got {config.best_metric!r}.")
+  if config.early_stopping_patience is not None and not config.val_split:
+    raise ValueError("'early_stopping_patience' needs a validation split: set "
+                     "'val_split' (e.g. train_split='train[:90%]', val_split='train[90%:]').")
+  if config.optimizer.schedule == 'plateau' and not config.val_split:
+    raise ValueError("optimizer.schedule 'plateau' reduces the lr when the validation "
+                     "metric stops improving: set 'val_split'.")
+  from cnn_jax.train import optim
+  optim.check_config(config.optimizer)
+  from cnn_jax.data import augment
+  for key in ('train_transform', 'eval_transform'):
+    try:
+      augment.make_transform(config[key])
+    except ValueError as e:
+      raise ValueError(f'config key {key!r}: {e}') from None
+  if config.distributed and config.coordinator_address is not None and (
+      config.num_processes is None or config.process_id is None):
+    raise ValueError("with 'coordinator_address' set, also set 'num_processes' and "
+                     "'process_id' (or leave all three unset to auto-detect).")
+  return config
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=str)
+
+
+def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix=''):
+  """Dotted keys whose values differ between two nested dicts (MUTABLE_KEYS aside)."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    name = prefix + key
+    if name in MUTABLE_KEYS:
+      continue
+    a, b = saved.get(key, '<missing>'), current.get(key, '<missing>')
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += differing_keys(a, b, name + '.')
+    elif _normal(a) != _normal(b):
+      out.append(name)
+  return out
+
+
+def _normal(v):
+  return json.loads(json.dumps(v, default=str))

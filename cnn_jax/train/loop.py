@@ -1,0 +1,447 @@
+"""The training loop: one function trains and evaluates every model on every dataset.
+
+``train_and_evaluate(config, workdir)`` runs (or resumes, or finds finished) the run
+the config describes; ``evaluate(config, workdir)`` restores its latest good
+checkpoint and evaluates it. Everything in the run is a pure function of the config:
+the data order (seeded grain loader indexed by step), the per-step randomness
+(fold_in(rng, step)) and the step itself. So an interrupted run resumed from a
+checkpoint ends bit-identical to an uninterrupted one.
+
+Workdir contents::
+
+    config.json  checkpoints/  metrics.jsonl  tensorboard/  final_metrics.json
+    summary.txt  training_curves.png  confusion_matrix.png  confusion_matrix.json
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from cnn_jax import data as data_lib
+from cnn_jax import models
+from cnn_jax.data import augment
+from cnn_jax.train import checkpoint as ckpt_lib
+from cnn_jax.train import config as config_lib
+from cnn_jax.train import metrics as metrics_lib
+from cnn_jax.train import optim, parallel, state as state_lib, steps, writers
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    try:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    except ValueError:   # not the main thread: leave signals alone
+      self._old = {}
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:   # a second signal: give up at once
+      raise KeyboardInterrupt
+    self.signal = signum
+    print(f'\nReceived signal {signum}: saving a checkpoint and stopping.', flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+class Run:
+  """Everything a run builds from its config before training (no compute yet)."""
+
+  def __init__(self, config, workdir: str):
+    config = config_lib.validate(config)
+    if config.distributed:
+      parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                      config.process_id)
+    self.config = config
+    self.workdir = workdir
+    self.is_chief = jax.process_index() == 0
+    self.par = parallel.Parallel(config.parallelism, parallel.select_devices(config.num_devices))
+    self.par.check_batch_size(config.batch_size)
+    self.eval_batch_size = config.eval_batch_size or config.batch_size
+    self.par.check_batch_size(self.eval_batch_size, 'eval_batch_size')
+
+    data_dir = config.data_dir
+    self.train_source = data_lib.get_source(config.dataset, config.train_split, data_dir)
+    self.val_source = (data_lib.get_source(config.dataset, config.val_split, data_dir)
+                       if config.val_split else None)
+    self.eval_source = data_lib.get_source(config.dataset, config.eval_split, data_dir)
+    self.num_classes = config.num_classes or data_lib.num_classes(self.train_source,
+                                                                  config.dataset)
+    self.train_transform = augment.make_transform(config.train_transform)
+    self.eval_transform = augment.make_transform(config.eval_transform)
+    example = self.eval_transform(data_lib.to_example(self.eval_source[0]),
+                                  np.random.default_rng(0))
+    self.input_shape = tuple(example['image'].shape)
+
+    self.steps_per_epoch = data_lib.steps_per_epoch(self.train_source, config.batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'batch_size {config.batch_size} is larger than the training split '
+                       f'({len(self.train_source)} examples); lower batch_size.')
+    self.total_steps = (config.num_train_steps if config.num_train_steps is not None else
+                        int(math.ceil(config.num_epochs * self.steps_per_epoch)))
+    self.eval_every = config.eval_every_steps or self.steps_per_epoch
+
+    kwargs = dict(config.model_kwargs)
+    if config.conv == 'flax':
+      import flax.linen as nn  # pylint: disable=import-outside-toplevel
+      kwargs['conv'] = nn.Conv
+    if self.par.axis_name is not None and 'axis_name' in _fields(config.model):
+      kwargs['axis_name'] = self.par.axis_name
+    self.model = models.get_model(config.model, num_classes=self.num_classes, **kwargs)
+
+    opt = config.optimizer.to_dict()
+    if opt.get('decay_steps') is None and opt['schedule'] in ('cosine', 'warmup_cosine'):
+      opt['decay_steps'] = self.total_steps   # the schedule spans the whole run
+    self.tx, self.lr_schedule = optim.make_optimizer(opt)
+    self.rng = jax.random.PRNGKey(config.seed)
+
+  def abstract_state(self):
+    return state_lib.abstract_train_state(self.model, self.tx, self.input_shape, self.rng)
+
+  def initial_state(self):
+    return jax.device_get(state_lib.create_train_state(self.model, self.tx,
+                                                       self.input_shape, self.rng))
+
+  def train_loader(self):
+    return data_lib.make_loader(
+        self.train_source, batch_size=self.config.batch_size, seed=self.config.seed,
+        random_transform=self.train_transform, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def eval_loader(self, source):
+    return data_lib.make_loader(
+        source, batch_size=self.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
+        drop_remainder=False, random_transform=self.eval_transform,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def train_step_fn(self):
+    c = self.config.loss
+    fn = functools.partial(steps.train_step, label_smoothing=float(c.label_smoothing),
+                           aux_weight=float(c.aux_weight), lr_schedule=self.lr_schedule,
+                           axis_name=self.par.axis_name, loss_name=c.name)
+    return self.par.wrap(fn, donate_state=True)
+
+  def eval_step_fn(self):
+    fn = functools.partial(steps.eval_step, axis_name=self.par.axis_name,
+                           loss_name=self.config.loss.name, confusion=True)
+    return self.par.wrap(fn, donate_state=False)
+
+
+def _fields(model_name: str):
+  builder = models.model_info(model_name).builder
+  cls = getattr(builder, 'func', builder)
+  return getattr(cls, '__dataclass_fields__', {})
+
+
+def _evaluate(run: Run, state, eval_step, source) -> Dict[str, Any]:
+  """Exact metrics over a whole split (padded last batch masked out)."""
+  totals = None
+  for batch in run.eval_loader(source):
+    out = eval_step(state, run.par.put_batch(batch))
+    out = run.par.unreplicate_metrics(out)
+    totals = out if totals is None else jax.tree_util.tree_map(np.add, totals, out)
+  metrics = steps.finalize_eval_metrics(totals)
+  metrics['confusion'] = np.asarray(totals['confusion'])
+  return metrics
+
+
+def _improved(value, best, mode, min_delta=0.0):
+  if best is None:
+    return True
+  return value > best + min_delta if mode == 'max' else value < best - min_delta
+
+
+def _mean_metrics(pending) -> Dict[str, float]:
+  keys = pending[0][1].keys()
+  return {k: float(np.mean([float(m[k]) for _, m in pending])) for k in keys}
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _load_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _scalars(prefix: str, metrics: Dict[str, Any]) -> Dict[str, float]:
+  return {f'{prefix}/{k}': float(v) for k, v in metrics.items()
+          if np.ndim(v) == 0 and k != 'count'}
+
+
+def _host_target(abstract):
+  """Restore target: host NumPy arrays shaped like the abstract state."""
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] = None
+                       ) -> Dict[str, Any]:
+  """Trains `config`'s model on its dataset in `workdir`, then evaluates it.
+
+  Resumes from the latest good checkpoint in workdir/checkpoints if there is one
+  (and returns the saved final metrics at once if the run had finished).
+
+  Args:
+    config: a ConfigDict from cnn_jax.train.config.default_config() (or a dict of
+      its keys); checked by config.validate before anything is computed.
+    workdir: the run directory (created). A workdir holding a run of another
+      config is refused unless config.allow_config_change.
+    stop_after_steps: stop (with a checkpoint) once this many steps have run in
+      this call, as a preemption would. For tests and time-sliced jobs.
+  Returns:
+    The final test metrics (as written to workdir/final_metrics.json), or, when
+    the run stopped early by signal or stop_after_steps, {'status': 'stopped',
+    'step': k}.
+  Raises:
+    ValueError: bad config, missing dataset, or a workdir of another config.
+    NonFiniteLossError: the loss became NaN/Inf (names the step; the last good
+      checkpoint is kept).
+  """
+  t_start = time.time()
+  run = Run(config, workdir)
+  config = run.config
+  if run.is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.check_workdir_config(workdir, config)
+  final_path = os.path.join(workdir, 'final_metrics.json')
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                               best_metric=config.best_metric, best_mode=config.best_mode)
+  restored = ckpt.restore_latest(_host_target(run.abstract_state()))
+  if restored is not None:
+    host_state, meta = restored
+    start = int(meta['step'])
+    loop_state = meta['loop']
+    final = _load_json(final_path)
+    if final is not None and final.get('step') == start:
+      print(f'Run in {workdir} already finished at step {start}; final metrics:\n'
+            + json.dumps(final, indent=2, sort_keys=True), flush=True)
+      ckpt.close()
+      return final
+    print(f'Resuming from checkpoint step {start} in {ckpt.directory}.', flush=True)
+  else:
+    host_state, start = run.initial_state(), 0
+    loop_state = dict(best=None, best_step=None, plateau_bad=0, early_bad=0, stopped_early=False,
+                      train_seconds=0.0)
+
+  if run.is_chief and config.print_summary:
+    _print_summary(run)
+
+  state = run.par.put_state(host_state)
+  train_step = run.train_step_fn()
+  eval_step = run.eval_step_fn()
+  end = start if loop_state['stopped_early'] else run.total_steps
+  if stop_after_steps is not None:
+    end = min(end, start + stop_after_steps)
+  loader = run.train_loader()
+  last_saved = start if restored is not None else None
+
+  def save(step, metrics=None):
+    nonlocal last_saved
+    meta = dict(step=step, data_position=step, loop=loop_state,
+                config=json.loads(config_lib.to_json(config)))
+    ckpt.save(step, run.par.get_state(state), meta, metrics)
+    last_saved = step
+
+  writer = writers.MetricWriter(workdir, enabled=run.is_chief, resume_step=start)
+  bar = (writers.ProgressBar(end - start, desc=f'{config.model} steps {start}->{end}')
+         if run.is_chief and config.progress_bar and end > start else None)
+  pending = []   # (step, device metrics) not yet fetched
+  step = start
+  t_train = time.time()
+  with _Preemption() as preempt, writer:
+    it = iter(loader[start:end].to_iter_dataset(
+        data_lib.read_options()))
+    for step in range(start, end):
+      batch = next(it)
+      state, metrics = train_step(state, run.par.put_batch(batch))
+      pending.append((step + 1, metrics))
+      done = step + 1
+      is_eval = run.val_source is not None and (done % run.eval_every == 0 or done == run.total_steps)
+      is_ckpt = done % config.checkpoint_every_steps == 0 or done == run.total_steps
+      stopping = preempt.signal is not None or done == end
+      if done % config.log_every_steps == 0 or is_eval or is_ckpt or stopping:
+        fetched = [(s, run.par.unreplicate_metrics(m)) for s, m in pending]
+        pending = []
+        for s, m in fetched:
+          if not np.isfinite(float(m['loss'])):
+            where = (f'step {last_saved} in {ckpt.directory}' if last_saved is not None
+                     else 'none (no checkpoint was saved yet)')
+            ckpt.close()
+            raise NonFiniteLossError(
+                f'training loss is {float(m["loss"])} at step {s}; run stopped. Last good '
+                f'checkpoint: {where}. Lower optimizer.lr, set optimizer.grad_clip_norm, or '
+                'check the input data for NaN/Inf.')
+        train_metrics = _mean_metrics(fetched)
+        scalars = _scalars('train', metrics_lib.add_error_rates(train_metrics))
+        plateau = optim.plateau_scale(run.par.get_state(state).opt_state) \
+            if config.optimizer.schedule == 'plateau' else None
+        if plateau is not None:
+          scalars['train/lr'] = scalars.get('train/lr', 0.0) * plateau
+        writer.write_scalars(done, scalars)
+        if bar is not None:
+          bar.update(len(fetched), loss=train_metrics['loss'],
+                     acc=train_metrics['accuracy'])
+        val_scalars = {}
+        if is_eval:
+          val = _evaluate(run, state, eval_step, run.val_source)
+          val_scalars = _scalars('val', val)
+          writer.write_scalars(done, val_scalars)
+          state = _after_validation(run, state, loop_state, {**scalars, **val_scalars}, done)
+        if is_ckpt or stopping or loop_state['stopped_early']:
+          save(done, {**scalars, **val_scalars})
+        if preempt.signal is not None or loop_state['stopped_early']:
+          break
+    else:
+      done = end
+  loop_state['train_seconds'] += time.time() - t_train
+  if bar is not None:
+    bar.close()
+
+  finished = done >= run.total_steps or loop_state['stopped_early']
+  if not finished:
+    ckpt.close()
+    print(f'Stopped at step {done} of {run.total_steps}; re-run the same command to '
+          'resume.', flush=True)
+    return {'status': 'stopped', 'step': done}
+
+  test = _evaluate(run, state, eval_step, run.eval_source)
+  confusion = test.pop('confusion')
+  final = {f'test_{k}': v for k, v in test.items()}
+  final.update(step=done, num_train_steps=run.total_steps, epochs=done / run.steps_per_epoch,
+               train_seconds=loop_state['train_seconds'], dataset=config.dataset,
+               model=config.model, eval_split=config.eval_split,
+               wall_seconds_this_call=time.time() - t_start)
+  if loop_state['best'] is not None:
+    final['best_' + config.best_metric.replace('/', '_')] = loop_state['best']
+    final['best_step'] = loop_state['best_step']
+  if last_saved != done:
+    save(done)
+  ckpt.close()
+  if run.is_chief:
+    _write_json(final_path, final)
+    _write_json(os.path.join(workdir, 'confusion_matrix.json'), confusion.tolist())
+    if config.write_plots:
+      _plots(workdir, confusion)
+    print('Final metrics:\n' + json.dumps(final, indent=2, sort_keys=True), flush=True)
+  return final
+
+
+def _after_validation(run: Run, state, loop_state, scalars, step):
+  """Best-metric tracking, reduce-on-plateau and early stopping (host-side state)."""
+  config = run.config
+  name = config.best_metric
+  if not name or name not in scalars:
+    return state
+  value = scalars[name]
+  if _improved(value, loop_state['best'], config.best_mode, config.early_stopping_min_delta):
+    loop_state.update(best=value, best_step=step, plateau_bad=0, early_bad=0)
+    return state
+  loop_state['plateau_bad'] += 1
+  loop_state['early_bad'] += 1
+  if config.optimizer.schedule == 'plateau' and (
+      loop_state['plateau_bad'] >= config.optimizer.plateau_patience):
+    host = run.par.get_state(state)
+    scale = optim.plateau_scale(host.opt_state) * config.optimizer.plateau_factor
+    print(f'\n{name} has not improved for {loop_state["plateau_bad"]} evaluations: '
+          f'learning rate x{config.optimizer.plateau_factor} (now x{scale:g}).', flush=True)
+    host = host.replace(opt_state=optim.set_plateau_scale(host.opt_state, scale))
+    state = run.par.put_state(host)
+    loop_state['plateau_bad'] = 0
+  if (config.early_stopping_patience is not None
+      and loop_state['early_bad'] >= config.early_stopping_patience):
+    print(f'\nEarly stopping at step {step}: {name} has not improved for '
+          f'{loop_state["early_bad"]} evaluations (best {loop_state["best"]:.4f} at step '
+          f'{loop_state["best_step"]}).', flush=True)
+    loop_state['stopped_early'] = True
+  return state
+
+
+def _print_summary(run: Run) -> None:
+  from cnn_jax.analysis import tables  # pylint: disable=import-outside-toplevel
+  buf = []
+  with contextlib.redirect_stdout(_Tee(buf)):
+    print(f'{run.config.model} on {run.config.dataset}: input {run.input_shape}, '
+          f'{run.num_classes} classes, {run.total_steps} steps of batch '
+          f'{run.config.batch_size} ({run.steps_per_epoch} steps/epoch) on '
+          f'{run.par.num_devices} device(s), parallelism={run.config.parallelism}')
+    tables.summary(run.model, run.input_shape, print_table=True)
+  with open(os.path.join(run.workdir, 'summary.txt'), 'w') as f:
+    f.write(''.join(buf))
+
+
+class _Tee:
+  def __init__(self, buf):
+    self.buf = buf
+    self.out = __import__('sys').stdout
+
+  def write(self, s):
+    self.buf.append(s)
+    return self.out.write(s)
+
+  def flush(self):
+    self.out.flush()
+
+
+def _plots(workdir: str, confusion) -> None:
+  from cnn_jax.analysis import plots  # pylint: disable=import-outside-toplevel
+  records = writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  if records:
+    plots.plot_training_curves(records, os.path.join(workdir, 'training_curves.png'))
+  plots.plot_confusion_matrix(confusion, os.path.join(workdir, 'confusion_matrix.png'))
+
+
+def evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Restores the latest good checkpoint of workdir and evaluates it on eval_split.
+
+  Writes workdir/eval_metrics.json with the same keys as final_metrics.json's
+  test_* entries, and returns them.
+  """
+  run = Run(config, workdir)
+  if not os.path.exists(os.path.join(workdir, 'checkpoints')):
+    raise ValueError(f'no checkpoints in {workdir!r}; train first with --mode=train.')
+  ckpt_lib.check_workdir_config(workdir, run.config, write=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  restored = ckpt.restore_latest(_host_target(run.abstract_state()))
+  ckpt.close()
+  if restored is None:
+    raise ValueError(f'no restorable checkpoint in {workdir!r}; train first.')
+  host_state, meta = restored
+  state = run.par.put_state(host_state)
+  test = _evaluate(run, state, run.eval_step_fn(), run.eval_source)
+  test.pop('confusion')
+  out = {f'test_{k}': v for k, v in test.items()}
+  out['step'] = int(meta['step'])
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'eval_metrics.json'), out)
+  print(json.dumps(out, indent=2, sort_keys=True), flush=True)
+  return out
