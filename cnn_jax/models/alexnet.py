@@ -166,6 +166,8 @@ class AlexNet(nn.Module):
     lrn: (size, k, alpha, beta) of the LRN layers.
     conv: the conv layer (cnn_jax.nn.Conv or flax.linen.Conv).
     dtype: computation dtype.
+    axis_name: the pmap axis the batch is split over, so dropout masks are
+      those of the global batch; None under jit (sharded or not).
   """
   num_classes: int = 1000
   layers: Sequence[ConvLayer] = ALEXNET
@@ -176,6 +178,7 @@ class AlexNet(nn.Module):
   lrn: Tuple[int, float, float, float] = (5, 2.0, 1e-4, 0.75)
   conv: ModuleDef = cnn.Conv
   dtype: Any = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -202,7 +205,8 @@ class AlexNet(nn.Module):
       x = AdaptiveAvgPool(tuple(self.adaptive_pool), name='avgpool')(x)
     x = x.reshape(x.shape[0], -1)
 
-    dropout = functools.partial(nn.Dropout, self.dropout_rate, deterministic=not train)
+    dropout = functools.partial(cnn.Dropout, self.dropout_rate, deterministic=not train,
+                                axis_name=self.axis_name)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     for j in (1, 2):
       if self.dropout_before_fc:

@@ -100,6 +100,10 @@ class DenseNet(nn.Module):
     compression: theta, the fraction of channels a transition keeps.
     dropout_rate: after each dense layer's 3x3 conv (0 in torchvision).
     conv: cnn_jax.nn.Conv (explicit backward) or flax.linen.Conv.
+    dtype: computation dtype.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   """
   block_config: Sequence[int]
   num_classes: int = 1000
@@ -110,7 +114,7 @@ class DenseNet(nn.Module):
   dropout_rate: float = 0.0
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -118,11 +122,11 @@ class DenseNet(nn.Module):
       raise ValueError(f'compression must be in (0, 1], got {self.compression}.')
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_HE_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     dropout = None
     if self.dropout_rate:
-      dropout = functools.partial(nn.Dropout, rate=self.dropout_rate,
-                                  deterministic=not train)
+      dropout = functools.partial(cnn.Dropout, rate=self.dropout_rate,
+                                  deterministic=not train, axis_name=self.axis_name)
     x = conv(self.num_init_features, (7, 7), strides=(2, 2), padding=_pad(7),
              name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))

@@ -26,7 +26,7 @@ cross-entropy, numerically stable on logits) or at prediction time
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 
@@ -38,14 +38,19 @@ ModuleDef = Any
 
 
 class ExampleFFCNN(nn.Module):
-  """conv-conv-BN-maxpool-flatten-fc-BN-fc; see the module docstring."""
+  """conv-conv-BN-maxpool-flatten-fc-BN-fc; see the module docstring.
+
+  axis_name is the pmap axis the batch is split over, for global-batch BN
+  statistics; None under jit (sharded or not), where they are global already.
+  """
   num_classes: int = 1
   conv: ModuleDef = cnn.Conv
   dtype: Any = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = batch_norm(train, self.dtype)
+    norm = batch_norm(train, self.dtype, self.axis_name)
     # Tuple kernels and explicit (lo, hi) pads so flax.linen.Conv reads them the same.
     x = self.conv(3, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   name='conv1')(x)

@@ -170,6 +170,7 @@ class AuxHead(nn.Module):
   features: Tuple[int, int] = (128, 1024)
   dropout_rate: float = 0.7
   dtype: Any = jnp.float32
+  axis_name: Optional[str] = None   # the pmap axis, for the dropout masks
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -179,7 +180,7 @@ class AuxHead(nn.Module):
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.features[1], kernel_init=_XAVIER, dtype=self.dtype,
                          name='fc1')(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc2')(x)
 
 
@@ -199,7 +200,10 @@ class GoogLeNet(nn.Module):
     batch_norm: conv (no bias) + BN (eps 1e-3) in every conv unit (torchvision).
     conv5x5_kernel: kernel of the "5x5" branch (3 in torchvision's version).
     last_pool_window: window of the max pool before the last stage (torchvision 2).
-    conv, dtype, bn_axis_name: as in the ResNets.
+    conv, dtype: as in the ResNets.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   Intermediates: 'stem' (28x28x192 at 224), 'stage1'..'stage3' (the outputs of
   inception 3b, 4e, 5b), 'pre_logits', and in train mode 'aux{i}_logits'.
   """
@@ -217,7 +221,7 @@ class GoogLeNet(nn.Module):
   last_pool_window: int = 3
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -229,7 +233,7 @@ class GoogLeNet(nn.Module):
     norm = None
     if self.batch_norm:
       # eps 1e-3 as torchvision's BasicConv2d, so imported statistics mean the same.
-      norm = batch_norm(train, self.dtype, self.bn_axis_name, epsilon=1e-3)
+      norm = batch_norm(train, self.dtype, self.axis_name, epsilon=1e-3)
     unit = functools.partial(ConvUnit, conv=self.conv, norm=norm, dtype=self.dtype)
     # Caffe's LRN averages over the window (alpha / size); ours multiplies the sum.
     lrn = functools.partial(cnn.LRN, size=5, k=1.0, alpha=1e-4 / 5, beta=0.75)
@@ -259,14 +263,15 @@ class GoogLeNet(nn.Module):
           k = list(self.aux_after).index(name) + 1
           logits = AuxHead(self.num_classes, conv=self.conv, norm=norm,
                            features=self.aux_features, dropout_rate=self.aux_dropout_rate,
-                           dtype=self.dtype, name=f'aux{k}')(x, train=train)
+                           dtype=self.dtype, axis_name=self.axis_name,
+                           name=f'aux{k}')(x, train=train)
           if train:
             self.sow('intermediates', f'aux{k}_logits', logits)
       self.sow('intermediates', f'stage{i + 1}', x)
 
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc')(x)
 
 

@@ -123,6 +123,9 @@ class MobileNetV1(nn.Module):
     act: activation (the paper's ReLU; some ports use ReLU6).
     dropout_rate: dropout before 'fc' (0: the paper has none).
     conv: cnn_jax.nn.Conv (explicit backward) or flax.linen.Conv.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   """
   num_classes: int = 1000
   width_multiplier: float = 1.0
@@ -132,13 +135,13 @@ class MobileNetV1(nn.Module):
   dropout_rate: float = 0.0
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_CONV_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     a = self.width_multiplier
     x = _conv_bn(conv, norm, x, int(self.stem_channels * a), 3, 2, 1, self.act,
                  'conv_init', 'bn_init')
@@ -150,7 +153,8 @@ class MobileNetV1(nn.Module):
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
     if self.dropout_rate:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = cnn.Dropout(self.dropout_rate, deterministic=not train,
+                      axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
@@ -166,6 +170,9 @@ class MobileNetV2(nn.Module):
     stem_channels, last_channels: widths of the first and last full convs.
     dropout_rate: before 'fc' (needs a 'dropout' rng in train mode).
     conv: cnn_jax.nn.Conv (explicit backward) or flax.linen.Conv.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   """
   num_classes: int = 1000
   width_multiplier: float = 1.0
@@ -177,13 +184,13 @@ class MobileNetV2(nn.Module):
   act: Callable = nn.relu6
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_CONV_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     m, r = self.width_multiplier, self.round_nearest
     x = _conv_bn(conv, norm, x, make_divisible(self.stem_channels * m, r), 3, 2, 1,
                  self.act, 'conv_init', 'bn_init')
@@ -201,7 +208,8 @@ class MobileNetV2(nn.Module):
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
     if self.dropout_rate:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = cnn.Dropout(self.dropout_rate, deterministic=not train,
+                      axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 

@@ -59,6 +59,8 @@ class NIN(nn.Module):
     final_relu: ReLU on the class maps too (the original model).
     conv: the conv layer (cnn_jax.nn.Conv or flax.linen.Conv).
     dtype: computation dtype.
+    axis_name: the pmap axis the batch is split over, so dropout masks are
+      those of the global batch; None under jit (sharded or not).
   """
   num_classes: int = 10
   blocks: Sequence[Sequence[Tuple[int, Optional[int]]]] = NIN_CIFAR10
@@ -66,6 +68,7 @@ class NIN(nn.Module):
   final_relu: bool = True
   conv: ModuleDef = cnn.Conv
   dtype: Any = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -87,7 +90,8 @@ class NIN(nn.Module):
       self.sow('intermediates', f'stage{b}', x)
       if not last_block:
         x = pools[b - 1](name=f'pool{b}')(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f'dropout{b}')(x)
+        x = cnn.Dropout(self.dropout_rate, deterministic=not train,
+                        axis_name=self.axis_name, name=f'dropout{b}')(x)
     x = cnn.GlobalAvgPool(name='global_pool')(x)
     self.sow('intermediates', 'pre_logits', x)
     return x

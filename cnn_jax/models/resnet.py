@@ -279,7 +279,9 @@ class ResNet(nn.Module):
     zero_init_last_bn: start every (post-activation) block as the identity.
     conv: conv layer, `cnn_jax.nn.Conv` (explicit backward) or flax.linen.Conv.
     dtype: computation dtype.
-    bn_axis_name: mapped axis for cross-device BN statistics (pmap), or None.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -291,13 +293,13 @@ class ResNet(nn.Module):
   zero_init_last_bn: bool = False
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_HE_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     x = _conv(conv, self.num_filters, 7, 2, name='conv_init')(x)
     # Pre-activation nets keep this BN-ReLU too: it is the first unit's
     # pre-activation, taken before the max pool and the split into two paths.
@@ -319,6 +321,7 @@ class CifarResNet(nn.Module):
   shortcut='A' (default, the paper's: parameter-free subsample + zero-pad),
   'B' (1x1 projection + BN where the shape changes: +2,752 params for the
   16/32/64 widths), 'C' (projection everywhere) or 'none' (the plain twin).
+  conv, dtype, axis_name: as in ResNet.
   """
   depth: int
   num_classes: int = 10
@@ -328,7 +331,7 @@ class CifarResNet(nn.Module):
   zero_init_last_bn: bool = False
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -338,7 +341,7 @@ class CifarResNet(nn.Module):
     n = (self.depth - 2) // 6
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_HE_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     x = _conv(conv, self.widths[0], 3, name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))
     self.sow('intermediates', 'stem', x)
@@ -353,6 +356,7 @@ class WideResNet(nn.Module):
   (depth - 4) / 6 pre-activation wide basic blocks at 16k/32k/64k filters,
   BN-ReLU, GAP, fc. Projection shortcuts (option B) where the shape changes;
   dropout_rate > 0 puts dropout between each block's convs (needs a 'dropout' rng).
+  conv, dtype, axis_name: as in ResNet (axis_name serves BN and dropout alike).
   """
   depth: int = 28
   widen_factor: int = 10
@@ -363,7 +367,7 @@ class WideResNet(nn.Module):
   zero_init_last_bn: bool = False
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -373,11 +377,11 @@ class WideResNet(nn.Module):
     n = (self.depth - 4) // 6
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_HE_INIT)
-    norm = _batch_norm(train, self.dtype, self.bn_axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name)
     dropout = None
     if self.dropout_rate:
-      dropout = functools.partial(nn.Dropout, rate=self.dropout_rate,
-                                  deterministic=not train)
+      dropout = functools.partial(cnn.Dropout, rate=self.dropout_rate,
+                                  deterministic=not train, axis_name=self.axis_name)
     # No BN after the stem: the first unit's pre-activation normalises it.
     x = _conv(conv, 16, 3, name='conv_init')(x)
     self.sow('intermediates', 'stem', x)

@@ -16,7 +16,7 @@ Intermediates: 'stem' (CNN1D: after conv1; TextCNN: the embeddings),
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -85,6 +85,8 @@ class TextCNN(nn.Module):
     dropout_rate: on the concatenated max-pooled features (needs a 'dropout'
       rng in train mode).
     conv: cnn_jax.nn.Conv (explicit backward) or flax.linen.Conv.
+    axis_name: the pmap axis the batch is split over, so dropout masks are
+      those of the global batch; None under jit (sharded or not).
   """
   num_classes: int = 2
   vocab_size: int = 20_000
@@ -94,6 +96,7 @@ class TextCNN(nn.Module):
   dropout_rate: float = 0.5
   conv: ModuleDef = cnn.Conv
   dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens, *, train: bool):
@@ -113,7 +116,7 @@ class TextCNN(nn.Module):
       pooled.append(jnp.max(nn.relu(y), axis=1))     # max over time
     x = jnp.concatenate(pooled, axis=-1)
     self.sow('intermediates', 'pre_logits', x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 

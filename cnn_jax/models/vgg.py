@@ -24,7 +24,7 @@ conv=functools.partial(cnn_jax.nn.Conv, kernel_init='he').
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 
@@ -59,6 +59,9 @@ class VGG(nn.Module):
     dropout_rate: dropout after fc1 and fc2.
     conv: the conv layer (cnn_jax.nn.Conv or flax.linen.Conv).
     dtype: computation dtype.
+    axis_name: the pmap axis the batch is split over, so BatchNorm statistics
+      and dropout masks are those of the global batch; None under jit (sharded
+      or not), where both already see the global batch.
   """
   num_classes: int = 1000
   blocks: Sequence[Sequence[int]] = CONFIGS['D']
@@ -68,10 +71,11 @@ class VGG(nn.Module):
   dropout_rate: float = 0.5
   conv: ModuleDef = cnn.Conv
   dtype: Any = None
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = batch_norm(train, self.dtype)
+    norm = batch_norm(train, self.dtype, self.axis_name)
     for b, widths in enumerate(self.blocks, start=1):
       for c, features in enumerate(widths, start=1):
         x = self.conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
@@ -87,7 +91,8 @@ class VGG(nn.Module):
       x = ops.relu(nn.Dense(self.fc_features, dtype=self.dtype, name=f'fc{j}')(x))
       if j == 2:
         self.sow('intermediates', 'pre_logits', x)
-      x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f'dropout{j}')(x)
+      x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name,
+                      name=f'dropout{j}')(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
 
 

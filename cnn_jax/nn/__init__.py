@@ -1,6 +1,7 @@
 """Thin flax.linen modules over `cnn_jax.ops`: layers hold config and params."""
 from cnn_jax.nn.conv import (Conv, ConvTranspose, DepthwiseConv, SeparableConv,
                              SpatiallySeparableConv)
+from cnn_jax.nn.dropout import Dropout
 from cnn_jax.nn.initializers import get_initializer
 from cnn_jax.nn.normalization import LRN
 from cnn_jax.nn.reshape import Flatten
