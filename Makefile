@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench clean data
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops.py
+
+# `make data DATASET=name [DATA_DIR=dir] [PREPARE_ARGS=...]` prepares one dataset as
+# array_record (cnn_jax/data/prepare.py). Catalog datasets need TensorFlow, which it
+# installs once into .venv-data (requirements-data.txt), after its offline checks pass.
+data: $(STAMP)
+	@test -n "$(DATASET)" || { echo 'usage: make data DATASET=name [DATA_DIR=dir] (e.g. digits, mnist, cifar10, imagenet2012)' >&2; exit 2; }
+	$(PY) -m cnn_jax.data.prepare --dataset='$(DATASET)' $(if $(DATA_DIR),--data_dir='$(DATA_DIR)') --install_tf_venv $(PREPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
