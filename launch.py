@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +35,10 @@ _INPUT_SHAPE = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO lines (orbax logs every save) drown the progress bar;
+    # --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   mode = _MODE.value
   if mode == 'demo':
     from cnn_jax import demo
@@ -66,7 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Library INFO lines (orbax logs every save) drown the progress bar; --verbosity=0
-  # brings them back.
-  flags.FLAGS.set_default('verbosity', -1)
   app.run(main)

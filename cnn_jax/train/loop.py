@@ -242,7 +242,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     start = int(meta['step'])
     loop_state = meta['loop']
     final = _load_json(final_path)
-    if final is not None and final.get('step') == start:
+    if final is not None and final.get('step') == start and (
+        start >= run.total_steps or loop_state['stopped_early']):
       print(f'Run in {workdir} already finished at step {start}; final metrics:\n'
             + json.dumps(final, indent=2, sort_keys=True), flush=True)
       ckpt.close()
@@ -348,6 +349,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     save(done)
   ckpt.close()
   if run.is_chief:
+    old = _load_json(final_path)
+    if old is not None and old.get('step') != done:   # a run extended to more steps
+      os.replace(final_path, os.path.join(workdir, f'final_metrics.step{old.get("step")}.json'))
     _write_json(final_path, final)
     _write_json(os.path.join(workdir, 'confusion_matrix.json'), confusion.tolist())
     if config.write_plots:

@@ -192,7 +192,7 @@ def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None,
     out['correct_top5'] = jnp.sum(_correct_top5(logits, labels) * mask)
   if confusion:
     out['confusion'] = metrics_lib.confusion_matrix(
-        logits, _label_ids(logits, labels), max(2, logits.shape[-1]), mask)
+        logits, _label_ids(logits, labels), max(2, logits.shape[-1]), mask, dtype=jnp.int32)
   if axis_name is not None:
     out = jax.lax.psum(out, axis_name)
   return out
