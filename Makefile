@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+WORKDIR ?= runs/lenet5_digits
 
-.PHONY: setup train test bench clean data
+.PHONY: setup train demo test bench clean data
 
 setup: $(STAMP)
 
@@ -15,7 +16,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The main job: LeNet-5 on the embedded digits (offline). Re-running it finds the
+# finished run in $(WORKDIR) and prints its metrics; `make demo` runs the notes' examples.
 train: $(STAMP)
+	$(PY) launch.py --config=configs/lenet5_digits.py --workdir=$(WORKDIR)
+
+demo: $(STAMP)
 	$(PY) launch.py --mode=demo
 
 test: $(STAMP)

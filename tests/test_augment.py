@@ -378,3 +378,12 @@ def test_through_make_loader_same_seed_same_batches():
   plain = make_loader(source, batch_size=4, seed=0,
                       transform=A.make_transform('center_crop(6)|normalize(cifar10)'))
   assert plain[0]['image'].shape == (4, 6, 6, 3)
+
+
+def test_pad_op_zero_pads_every_side():
+  x = np.ones((28, 28, 1), np.float32)
+  y = A.make_transform('pad(2)')({'image': x}, None)['image']
+  assert y.shape == (32, 32, 1)
+  assert y[2:30, 2:30].all() and y.sum() == 28 * 28
+  with pytest.raises(ValueError, match='pad: amount'):
+    A.make_transform("pad(-1)")

@@ -46,6 +46,7 @@ evaluation), ``'pad_crop(4)|flip|normalize(cifar10)'`` (CIFAR training).
   resize(size) | resize(h, w)                 no      resize: int = shorter side
   center_crop(size) | center_crop(h, w)       no      center_crop
   random_crop(size) | random_crop(h, w)       yes     random_crop
+  pad(amount)                                 no      pad: zeros on every side
   pad_crop(pad=4, mode=constant|reflect)      yes     pad_and_crop
   flip(p=0.5)                                 yes     horizontal_flip
   pca_noise(std=0.1)                          yes     pca_color_noise, ImageNet PCA
@@ -201,6 +202,14 @@ def random_crop(image: np.ndarray, rng: np.random.Generator, size: Size) -> np.n
 
 
 _PAD_MODES = ('constant', 'reflect')
+
+
+def pad(image: np.ndarray, amount: int) -> np.ndarray:
+  """Zero-pads every side by `amount` pixels (MNIST's 28x28 -> LeNet-5's 32x32 with 2)."""
+  image = _hwc('pad', image)
+  if not _is_int(amount) or amount < 0:
+    raise ValueError(f'pad: amount must be an int >= 0, got {amount!r}.')
+  return np.pad(image, ((amount, amount), (amount, amount), (0, 0)))
 
 
 def pad_and_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 4,
@@ -610,6 +619,12 @@ def _build_pad_crop(pad=4, mode='constant'):
   return lambda image, rng: pad_and_crop(image, rng, pad, mode)
 
 
+def _build_pad(amount):
+  if not _is_int(amount) or amount < 0:
+    raise ValueError(f'pad: amount must be an int >= 0, got {amount!r}.')
+  return lambda image, rng: pad(image, amount)
+
+
 def _build_flip(p=0.5):
   p = _probability('flip', p)
   return lambda image, rng: horizontal_flip(image, rng, p)
@@ -679,6 +694,7 @@ _OPS: dict[str, tuple[Callable[..., ImageFn], bool, str]] = {
                     False, 'center_crop(size) or center_crop(h, w)'),
     'random_crop': (_build_size('random_crop', random_crop), True,
                     'random_crop(size) or random_crop(h, w)'),
+    'pad': (_build_pad, False, 'pad(amount)'),
     'pad_crop': (_build_pad_crop, True, 'pad_crop(pad=4, mode=constant|reflect)'),
     'flip': (_build_flip, True, 'flip(p=0.5)'),
     'pca_noise': (_build_pca_noise, True, 'pca_noise(std=0.1)'),
@@ -839,7 +855,7 @@ def is_random(spec: str | Sequence[str | ImageFn] | None) -> bool:
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_EIGVALS', 'IMAGENET_EIGVECS', 'IMAGENET_MEAN',
-    'IMAGENET_STD', 'MNIST_MEAN', 'MNIST_STD', 'OPS', 'STATS', 'Transform', 'center_crop',
+    'IMAGENET_STD', 'MNIST_MEAN', 'MNIST_STD', 'OPS', 'STATS', 'Transform', 'center_crop', 'pad',
     'channel_stats', 'color_jitter', 'horizontal_flip', 'is_random', 'make_transform',
     'normalize', 'pad_and_crop', 'pca_color_noise', 'pca_from_images', 'random_crop',
     'random_rotation', 'random_zoom', 'resize', 'rotate', 'to_rgb', 'zoom',
