@@ -5,7 +5,8 @@
 MNIST-1D (Greydanus 2020): 4,000 train / 1,000 test sequences of length 40, 10
 classes, built so that a CNN's translation equivariance matters. The model is three
 width-5 convolutions (32 channels, strides 1, 2, 2) and a linear layer.
-Expected: test accuracy ~RESULT_CNN1D on this 2-core CPU in ~TIME_CNN1D.
+Expected: 94.9% test accuracy (seed 0; 2,160 steps, ~90 s of training on this
+2-core CPU while other jobs ran, ~105 s in all).
 (Greydanus reports ~94% for a CNN of this kind; an MLP gets ~68%.)
 """
 from cnn_jax.train.config import default_config
