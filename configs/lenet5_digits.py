@@ -5,9 +5,10 @@
 Trains the modern LeNet-5 (ReLU, max pooling, 61,706 parameters) on scikit-learn's
 1,797 real handwritten digits (8x8, upsampled to 32x32 as LeNet-5 expects; 1,437
 train / 360 test), then evaluates on the 360 test digits. Offline, no download.
-Expected: test accuracy ~98-99% (>= 97%) in well under a minute of training on a
-2-core CPU. Running the command again finds the finished run and prints its
-metrics instead of retraining.
+Expected: 98.06% test accuracy (353/360) with seed 0; seeds 1 and 2 gave 97.2% and
+97.8%. 1,200 steps, ~60 s of training on this 2-core CPU (~1.5 min in all with
+compiles and the final evaluation). Running the command again finds the finished
+run and prints its metrics instead of retraining.
 """
 from cnn_jax.train.config import default_config
 
