@@ -33,7 +33,9 @@ def default_data_dir() -> str:
       os.environ.get('TFDS_DATA_DIR') or os.path.join('~', 'tensorflow_datasets'))
 
 
-def _prepare_command(name: str) -> str:
+def _prepare_command(name: str, data_dir: str | None = None) -> str:
+  if data_dir and os.path.abspath(data_dir) != os.path.abspath(default_data_dir()):
+    return f'make data DATASET={name} DATA_DIR={data_dir}'
   return f'make data DATASET={name}'
 
 
@@ -82,13 +84,17 @@ def get_source(name: str, split: str, data_dir: str | None = None):
     raise ValueError(
         f'Dataset {name!r} is not prepared in {data_dir!r} (no dataset_info.json found '
         f'under {os.path.join(data_dir, base)}). This machine may have no network, so '
-        f'it is not downloaded here. Prepare it first with `{_prepare_command(base)}` '
+        f'it is not downloaded here. Prepare it first with '
+        f'`{_prepare_command(name.partition(":")[0], data_dir)}` '
         f'(or set TFDS_DATA_DIR / --data_dir to where it is prepared), or use an '
         f'embedded offline dataset: {", ".join(EMBEDDED)}.')
   if not has_array_record:
     raise ValueError(
         f'Dataset {name!r} in {data_dir!r} is prepared, but not as array_record files, '
-        f'which tfds.data_source needs. Re-prepare it with `{_prepare_command(base)}`.')
+        f'which tfds.data_source needs (it was probably built by tfds.load as tfrecord). '
+        f'`make data` will not replace it: move that version folder aside, or prepare '
+        f'into another directory with `{_prepare_command(base, "OTHER_DIR")}` and '
+        'point config.data_dir there.')
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
