@@ -304,7 +304,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
                 'check the input data for NaN/Inf.')
         train_metrics = _mean_metrics(fetched)
         scalars = _scalars('train', metrics_lib.add_error_rates(train_metrics))
-        plateau = optim.plateau_scale(run.par.get_state(state).opt_state) \
+        plateau = optim.plateau_scale(run.par.get_state(state.opt_state)) \
             if config.optimizer.schedule == 'plateau' else None
         if plateau is not None:
           scalars['train/lr'] = scalars.get('train/lr', 0.0) * plateau
