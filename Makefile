@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/train.py
 
 # `make data DATASET=name [DATA_DIR=dir] [PREPARE_ARGS=...]` prepares one dataset as
 # array_record (cnn_jax/data/prepare.py). Catalog datasets need TensorFlow, which it
