@@ -158,3 +158,64 @@ def plot_confusion_matrix(cm, path_png: str, class_names: Optional[Sequence[str]
   ax.set_title(f'confusion matrix (accuracy {acc:.2%})')
   fig.tight_layout()
   return _save(fig, path_png, dpi)
+
+
+# Class colours of segmentation masks, as in the notes' plant demo: black background,
+# red and green for the two plant classes; further classes cycle through the rest.
+SEGMENTATION_COLOURS = np.array([
+    (0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+    (0, 255, 255), (255, 128, 0), (128, 0, 255), (128, 128, 128)], np.uint8)
+
+
+def colour_mask(mask) -> np.ndarray:
+  """(H, W) class ids -> (H, W, 3) uint8 RGB with SEGMENTATION_COLOURS."""
+  mask = np.asarray(mask).astype(np.int64)
+  return SEGMENTATION_COLOURS[mask % len(SEGMENTATION_COLOURS)]
+
+
+def _display(image) -> np.ndarray:
+  """An input image (any range, 1 or 3 channels) scaled to [0, 1] for imshow."""
+  x = np.asarray(image, np.float64)
+  lo, hi = x.min(), x.max()
+  x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+  return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def plot_segmentation_samples(images, truths, predictions, path_png: str, *,
+                              class_names: Optional[Sequence[str]] = None,
+                              dpi: int = 100) -> str:
+  """A grid of rows input | ground truth | prediction, masks colour-coded.
+
+  Args:
+    images: (N, H, W, C) model inputs (normalised or not: each is rescaled for
+      display).
+    truths, predictions: (N, H, W) class ids.
+    path_png: where to write the PNG.
+    class_names: legend entries for the colours (default: class ids).
+  Returns:
+    path_png.
+  """
+  images, truths, predictions = (np.asarray(a) for a in (images, truths, predictions))
+  if not (len(images) == len(truths) == len(predictions)) or truths.shape != predictions.shape:
+    raise ValueError(f'need matching images {images.shape}, truths {truths.shape} and '
+                     f'predictions {predictions.shape}.')
+  n = len(images)
+  fig = _figure((7.5, 2.5 * n + 0.4))
+  for i in range(n):
+    for j, (panel, title) in enumerate(((_display(images[i]), 'input'),
+                                        (colour_mask(truths[i]), 'ground truth'),
+                                        (colour_mask(predictions[i]), 'prediction'))):
+      ax = fig.add_subplot(n, 3, 3 * i + j + 1)
+      ax.imshow(panel, cmap='gray' if panel.ndim == 2 else None, interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(title)
+  num = int(max(truths.max(initial=0), predictions.max(initial=0))) + 1
+  names = list(class_names) if class_names is not None else [str(c) for c in range(num)]
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+  fig.legend(handles=[Patch(color=SEGMENTATION_COLOURS[c % len(SEGMENTATION_COLOURS)] / 255,
+                            label=names[c]) for c in range(min(num, len(names)))],
+             loc='lower center', ncol=min(num, 6), fontsize='small')
+  fig.tight_layout(rect=(0, 0.4 / (2.5 * n + 0.4), 1, 1))
+  return _save(fig, path_png, dpi)

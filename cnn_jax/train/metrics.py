@@ -186,3 +186,40 @@ def classification_report(confusion, class_names: Optional[list] = None) -> Dict
   if class_names is not None:
     report['class_names'] = list(class_names)
   return report
+
+
+def segmentation_scores(confusion) -> Dict[str, Any]:
+  """Per-class and mean Dice and Jaccard (IoU) from a pixel confusion matrix.
+
+  With TP_c = C[c, c], FP_c = column sum - TP_c, FN_c = row sum - TP_c over the
+  pixels of a whole split (not averaged per batch or per image):
+
+    Dice_c = 2 TP_c / (2 TP_c + FP_c + FN_c)      IoU_c = TP_c / (TP_c + FP_c + FN_c)
+
+  Conventions:
+    * a class absent from both the truth and the prediction (denominator 0) has
+      no score: its entries are None and it is left out of the means;
+    * a class present in the truth but never predicted (or predicted but absent
+      from the truth) scores 0 (TP = 0 over a positive denominator).
+  Returns 'dice' and 'iou' (per-class lists), 'mean_dice', 'mean_iou' (means over
+  the scored classes), 'pixel_accuracy' and 'num_scored_classes'.
+  """
+  cm = np.asarray(confusion, dtype=np.float64)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f'confusion matrix must be square [C, C]; got shape {cm.shape}.')
+  tp = np.diag(cm)
+  fp = cm.sum(axis=0) - tp
+  fn = cm.sum(axis=1) - tp
+  scored = (tp + fp + fn) > 0
+  dice = np.where(scored, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300), np.nan)
+  iou = np.where(scored, tp / np.maximum(tp + fp + fn, 1e-300), np.nan)
+  as_list = lambda a: [None if np.isnan(v) else float(v) for v in a]
+  total = cm.sum()
+  return {
+      'dice': as_list(dice),
+      'iou': as_list(iou),
+      'mean_dice': float(dice[scored].mean()) if scored.any() else float('nan'),
+      'mean_iou': float(iou[scored].mean()) if scored.any() else float('nan'),
+      'pixel_accuracy': float(tp.sum() / total) if total > 0 else float('nan'),
+      'num_scored_classes': int(scored.sum()),
+  }

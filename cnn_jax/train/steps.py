@@ -23,10 +23,12 @@ import optax
 from cnn_jax.train import metrics as metrics_lib
 from cnn_jax.train.state import TrainState
 
-LOSS_KEYS = ('name', 'label_smoothing', 'aux_weight')
-LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse')
-_LOSS_DEFAULTS = dict(name='cross_entropy', label_smoothing=0.0, aux_weight=0.3)
+LOSS_KEYS = ('name', 'label_smoothing', 'aux_weight', 'class_weights')
+LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse', 'dice', 'cross_entropy+dice')
+_LOSS_DEFAULTS = dict(name='cross_entropy', label_smoothing=0.0, aux_weight=0.3,
+                      class_weights=())
 AUX_NAMES = ('aux1_logits', 'aux2_logits')
+_DICE_EPS = 1.0   # smoothing of the soft Dice ratio: an empty class scores 1, not 0/0
 
 
 def _targets(logits, labels, label_smoothing):
@@ -40,34 +42,94 @@ def _targets(logits, labels, label_smoothing):
   return target * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
-def cross_entropy(logits, labels, label_smoothing=0.0):
+def _per_example(values, weights=None):
+  """(B, ...) per-position values -> (B,) means (weighted by `weights` if given):
+  a segmentation loss per image is its mean over pixels."""
+  if values.ndim == 1:
+    return values if weights is None else values * weights
+  flat = values.reshape(values.shape[0], -1)
+  if weights is None:
+    return flat.mean(-1)
+  w = weights.reshape(weights.shape[0], -1)
+  return (flat * w).sum(-1) / jnp.maximum(w.sum(-1), 1e-12)
+
+
+def _pixel_weights(logits, labels, class_weights):
+  """w[label] per position (int labels), or None without class weights."""
+  if not class_weights:
+    return None
+  w = jnp.asarray(class_weights, logits.dtype)
+  if labels.ndim == logits.ndim and logits.shape[-1] > 1:   # one-hot / soft targets
+    return labels.astype(logits.dtype) @ w
+  return w[labels.astype(jnp.int32)]
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0, class_weights=()):
   """Per-example loss: softmax CE with int (or one-hot/soft) labels; sigmoid BCE
-  for one logit (labels 0/1, smoothed towards 0.5)."""
+  for one logit (labels 0/1, smoothed towards 0.5). Per-pixel labels (segmentation)
+  give each image's mean over its pixels; with class_weights, the mean is weighted
+  by w[label] (sum w CE / sum w, as PyTorch's weighted mean)."""
   if logits.shape[-1] == 1:
     y = labels.astype(logits.dtype).reshape(logits.shape[:-1])
     y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    return optax.sigmoid_binary_cross_entropy(logits[..., 0], y)
-  return optax.softmax_cross_entropy(logits, _targets(logits, labels, label_smoothing))
+    values = optax.sigmoid_binary_cross_entropy(logits[..., 0], y)
+  else:
+    values = optax.softmax_cross_entropy(logits, _targets(logits, labels, label_smoothing))
+  return _per_example(values, _pixel_weights(logits, labels, class_weights))
 
 
-def sigmoid_cross_entropy(logits, labels, label_smoothing=0.0):
+def sigmoid_cross_entropy(logits, labels, label_smoothing=0.0, class_weights=()):
   """Per-example sum over classes of independent sigmoid BCEs (multi-label
   targets shaped like logits, or int ids as one-hot)."""
   if logits.shape[-1] == 1:
-    return cross_entropy(logits, labels, label_smoothing)
+    return cross_entropy(logits, labels, label_smoothing, class_weights)
   target = _targets(logits, labels, 0.0)
   target = target * (1.0 - label_smoothing) + 0.5 * label_smoothing
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1)
+  values = optax.sigmoid_binary_cross_entropy(logits, target)
+  if class_weights:
+    values = values * jnp.asarray(class_weights, values.dtype)
+  return _per_example(jnp.sum(values, axis=-1))
 
 
-def mse(logits, labels, label_smoothing=0.0):
+def mse(logits, labels, label_smoothing=0.0, class_weights=()):
   """Per-example squared error between the outputs and the (one-hot) targets,
   summed over classes (the notes' quadratic cost)."""
-  return jnp.sum(jnp.square(logits - _targets(logits, labels, label_smoothing)), axis=-1)
+  values = jnp.square(logits - _targets(logits, labels, label_smoothing))
+  if class_weights:
+    values = values * jnp.asarray(class_weights, values.dtype)
+  return _per_example(jnp.sum(values, axis=-1))
+
+
+def dice_loss(logits, labels, label_smoothing=0.0, class_weights=()):
+  """Per-example soft Dice loss, 1 - mean_c (2 sum p y + e) / (sum p + sum y + e).
+
+  p = softmax(logits) (sigmoid for one logit, scoring the foreground only), y the
+  one-hot truth, sums over an image's pixels, e = 1 so a class absent from both
+  scores 1. The mean over classes is weighted by class_weights when given."""
+  del label_smoothing
+  if logits.shape[-1] == 1:
+    p = jax.nn.sigmoid(logits)
+    y = labels.astype(logits.dtype).reshape(p.shape)
+  else:
+    p = jax.nn.softmax(logits, axis=-1)
+    y = _targets(logits, labels, 0.0)
+  axes = tuple(range(1, p.ndim - 1))
+  inter = jnp.sum(p * y, axis=axes)
+  dice = (2 * inter + _DICE_EPS) / (jnp.sum(p, axis=axes) + jnp.sum(y, axis=axes) + _DICE_EPS)
+  if class_weights:
+    w = jnp.asarray(class_weights, dice.dtype)
+    return 1.0 - (dice * w).sum(-1) / w.sum()
+  return 1.0 - dice.mean(-1)
+
+
+def cross_entropy_plus_dice(logits, labels, label_smoothing=0.0, class_weights=()):
+  """The sum of the pixel cross-entropy and the soft Dice loss."""
+  return (cross_entropy(logits, labels, label_smoothing, class_weights)
+          + dice_loss(logits, labels, label_smoothing, class_weights))
 
 
 LOSS_FNS = {'cross_entropy': cross_entropy, 'sigmoid_cross_entropy': sigmoid_cross_entropy,
-            'mse': mse}
+            'mse': mse, 'dice': dice_loss, 'cross_entropy+dice': cross_entropy_plus_dice}
 
 
 def _label_ids(logits, labels):
@@ -78,16 +140,19 @@ def _label_ids(logits, labels):
 
 
 def _correct(logits, labels):
+  """Per-example fraction correct (per-pixel labels: the image's pixel accuracy)."""
   labels = _label_ids(logits, labels)
   if logits.shape[-1] == 1:
-    return ((logits[..., 0] > 0) == (labels > 0)).astype(jnp.float32)
-  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    right = (logits[..., 0] > 0) == (labels.reshape(logits.shape[:-1]) > 0)
+  else:
+    right = jnp.argmax(logits, -1) == labels
+  return _per_example(right.astype(jnp.float32))
 
 
 def _correct_top5(logits, labels):
   labels = _label_ids(logits, labels)
   _, top = jax.lax.top_k(logits, 5)
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  return _per_example(jnp.any(top == labels[..., None], axis=-1).astype(jnp.float32))
 
 
 def _mask(batch, labels):
@@ -100,13 +165,14 @@ def _masked_mean(x, mask):
 
 
 def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
-                 aux_weight=0.3, loss_name='cross_entropy'):
+                 aux_weight=0.3, loss_name='cross_entropy', class_weights=()):
   """Train-mode forward pass and loss.
 
-  loss = L(logits) + aux_weight * sum_i L(aux{i}_logits), L = LOSS_FNS[loss_name] + aux_weight * sum_i CE(aux{i}_logits) for the GoogLeNet aux
-  logits sown in 'intermediates' (absent for other models). Masked examples count
-  for nothing. Returns (loss, (logits, parts, new_batch_stats)) where parts has
-  'ce_loss' and 'aux_loss' (the unweighted sum of aux CE terms).
+  loss = L(logits) + aux_weight * sum_i L(aux{i}_logits), L = LOSS_FNS[loss_name],
+  for the GoogLeNet aux logits sown in 'intermediates' (absent for other models).
+  Masked examples count for nothing. Returns (loss, (logits, parts,
+  new_batch_stats)) where parts has 'ce_loss' (the main term, whatever loss_name)
+  and 'aux_loss' (the unweighted sum of aux terms).
   """
   logits, mutated = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
@@ -114,12 +180,13 @@ def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
   labels = batch['label']
   mask = _mask(batch, labels)
   loss_fn = LOSS_FNS[loss_name]
-  ce = _masked_mean(loss_fn(logits, labels, label_smoothing), mask)
+  ce = _masked_mean(loss_fn(logits, labels, label_smoothing, class_weights), mask)
   aux = jnp.zeros((), ce.dtype)
   inter = mutated.get('intermediates', {})
   for name in AUX_NAMES:
     for aux_logits in inter.get(name, ()):   # sow stores a tuple
-      aux = aux + _masked_mean(loss_fn(aux_logits, labels, label_smoothing), mask)
+      aux = aux + _masked_mean(loss_fn(aux_logits, labels, label_smoothing, class_weights),
+                               mask)
   loss = ce + aux_weight * aux
   new_stats = mutated.get('batch_stats', state.batch_stats)
   return loss, (logits, {'ce_loss': ce, 'aux_loss': aux}, new_stats)
@@ -127,7 +194,8 @@ def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
 
 def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
                aux_weight: float = 0.3, lr_schedule: Optional[Callable] = None,
-               axis_name: Optional[str] = None, loss_name: str = 'cross_entropy'):
+               axis_name: Optional[str] = None, loss_name: str = 'cross_entropy',
+               class_weights=()):
   """One optimizer step. Pure: (state, batch) -> (new_state, metrics).
 
   Args:
@@ -135,7 +203,9 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
       k's randomness depends on nothing but the base rng and k.
     batch: dict with 'image', 'label' and optionally 'mask' (see module doc).
     label_smoothing: mass moved from the true class to the uniform distribution.
-    loss_name: 'cross_entropy', 'sigmoid_cross_entropy' or 'mse' (LOSS_FNS).
+    loss_name: a key of LOSS_FNS ('cross_entropy', 'sigmoid_cross_entropy', 'mse',
+      'dice', 'cross_entropy+dice').
+    class_weights: per-class loss weights (empty: none).
     aux_weight: weight of each auxiliary (GoogLeNet) loss term; 0.3 as the paper.
     lr_schedule: step -> lr, only to report 'lr' (tx applies its own schedule).
     axis_name: the pmap axis to average grads, BN statistics and metrics over;
@@ -154,7 +224,7 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, (logits, parts, new_stats)), grads = grad_fn(
       state.params, state, batch, rng, label_smoothing=label_smoothing,
-      aux_weight=aux_weight, loss_name=loss_name)
+      aux_weight=aux_weight, loss_name=loss_name, class_weights=tuple(class_weights))
   labels = batch['label']
   mask = _mask(batch, labels)
   metrics = {'loss': loss, **parts, 'accuracy': _masked_mean(_correct(logits, labels), mask)}
@@ -191,8 +261,10 @@ def eval_step(state: TrainState, batch, *, axis_name: Optional[str] = None,
   if logits.shape[-1] >= 5:
     out['correct_top5'] = jnp.sum(_correct_top5(logits, labels) * mask)
   if confusion:
+    ids = _label_ids(logits, labels)
+    pixel_mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (ids.ndim - 1)), ids.shape)
     out['confusion'] = metrics_lib.confusion_matrix(
-        logits, _label_ids(logits, labels), max(2, logits.shape[-1]), mask, dtype=jnp.int32)
+        logits, ids, max(2, logits.shape[-1]), pixel_mask, dtype=jnp.int32)
   if axis_name is not None:
     out = jax.lax.psum(out, axis_name)
   return out
@@ -245,7 +317,8 @@ def make_train_step(config=None, lr_schedule: Optional[Callable] = None, *,
   c = _loss_config(config)
   fn = functools.partial(train_step, label_smoothing=float(c['label_smoothing']),
                          aux_weight=float(c['aux_weight']), lr_schedule=lr_schedule,
-                         axis_name=axis_name, loss_name=c['name'])
+                         axis_name=axis_name, loss_name=c['name'],
+                         class_weights=tuple(c['class_weights']))
   if axis_name is not None:
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,))

@@ -29,6 +29,8 @@ uninterrupted run's. Only the chief process should write: pass
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -605,3 +607,50 @@ class ProgressBar:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ---------------------------------------------------------------------------
+# Per-epoch statistics as CSV (one row per validation, for spreadsheets).
+
+def append_csv_row(path: str, row: Mapping[str, Any], *, resume_step: Optional[int] = None
+                   ) -> None:
+  """Appends `row` (needs a 'step') to the CSV at `path`, writing the header first.
+
+  The columns are fixed by the first row written; a later row's new keys are an
+  error (the file would no longer parse), missing ones are left empty. With
+  resume_step, rows with step > resume_step are first dropped (atomically), so a
+  resumed run's file equals an uninterrupted run's.
+  """
+  if resume_step is not None and os.path.exists(path):
+    with open(path, newline='', encoding='utf-8') as f:
+      rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r['step']) <= resume_step]
+    if len(keep) != len(rows):
+      fields = list(rows[0].keys())
+      buf = io.StringIO()
+      writer = csv.DictWriter(buf, fieldnames=fields, lineterminator='\n')
+      writer.writeheader()
+      writer.writerows(keep)
+      _replace_atomically(path, buf.getvalue().encode('utf-8'))
+  if os.path.exists(path) and os.path.getsize(path) > 0:
+    with open(path, newline='', encoding='utf-8') as f:
+      fields = next(csv.reader(f))
+    extra = sorted(set(row) - set(fields))
+    if extra:
+      raise ValueError(f'{path} has no column(s) {extra}; its columns are {fields}.')
+  else:
+    fields = ['step'] + sorted(k for k in row if k != 'step')
+    with open(path, 'w', newline='', encoding='utf-8') as f:
+      csv.writer(f, lineterminator='\n').writerow(fields)
+  with open(path, 'a', newline='', encoding='utf-8') as f:
+    csv.DictWriter(f, fieldnames=fields, lineterminator='\n').writerow(
+        {k: _csv_value(v) for k, v in row.items()})
+
+
+def _csv_value(v):
+  return f'{float(v):.6g}' if isinstance(v, (float, np.floating)) else v
+
+
+def read_csv(path: str) -> List[dict]:
+  with open(path, newline='', encoding='utf-8') as f:
+    return list(csv.DictReader(f))
