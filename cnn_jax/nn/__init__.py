@@ -1,4 +1,5 @@
 """Thin flax.linen modules over `cnn_jax.ops`: layers hold config and params."""
+from cnn_jax.nn.blocks import ASPP, AttentionBlock, SqueezeExcite
 from cnn_jax.nn.conv import (Conv, ConvTranspose, DepthwiseConv, SeparableConv,
                              SpatiallySeparableConv)
 from cnn_jax.nn.dropout import Dropout
