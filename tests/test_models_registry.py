@@ -40,7 +40,10 @@ def test_models_sow_pre_logits_and_return_logits(name):
     return model.apply(variables, x, train=False, mutable=['intermediates'])
 
   logits, state = jax.eval_shape(run, x)
-  assert logits.shape == (2, 7)
+  if info.family == 'segmentation':   # per-pixel logits
+    assert logits.shape == (2,) + info.input_shape[:-1] + (7,)
+  else:
+    assert logits.shape == (2, 7)
   sown = state['intermediates']
   assert 'pre_logits' in sown, f'{name} sows {sorted(sown)}'
   assert sown['pre_logits'][0].shape[0] == 2
