@@ -387,3 +387,161 @@ def test_pad_op_zero_pads_every_side():
   assert y[2:30, 2:30].all() and y.sum() == 28 * 28
   with pytest.raises(ValueError, match='pad: amount'):
     A.make_transform("pad(-1)")
+
+
+# ------------------------------------------------------- segmentation: image + mask
+
+
+def _blocky_mask(shape=(24, 28), ids=(0, 1, 2, 5), seed=0, block=4):
+  """A mask of block x block squares of class ids (most pixels have neighbours of one
+  class)."""
+  rng = np.random.default_rng(seed)
+  blocks = rng.choice(ids, size=(-(-shape[0] // block), -(-shape[1] // block)))
+  return np.kron(blocks, np.ones((block, block), np.int64))[:shape[0], :shape[1]].astype(
+      np.int32)
+
+
+def _one_hot_image(mask, ids=(0, 1, 2, 5)):
+  """The mask as an image: channel j is 1 where the mask is ids[j]."""
+  return np.stack([mask == i for i in ids], axis=-1).astype(np.float32)
+
+
+def _check_mask_follows_image(image, mask, ids=(0, 1, 2, 5)):
+  """Where the transformed one-hot image is unambiguous, the mask is its class; where
+  the image has no source pixel at all (all channels 0), the mask is 0 (background)."""
+  peak = image.max(axis=-1)
+  sure = peak > 1 - 1e-5                        # every contributing pixel of one class
+  empty = peak < 1e-6
+  np.testing.assert_array_equal(mask[sure], np.asarray(ids)[image.argmax(-1)][sure])
+  np.testing.assert_array_equal(mask[empty], 0)
+  return (sure | empty).mean()                  # the share of pixels checked
+
+
+JOINT_SPECS = ['flip(1.0)', 'flip(0.5)', 'random_crop(17, 20)', 'center_crop(15)',
+               'pad(3)', 'pad_crop(5)', 'pad_crop(4, reflect)', 'rotate(40)',
+               'rotate(90, 90)', 'zoom(0.6, 1.5)', 'zoom(2.0)', 'resize(48)', 'resize(11, 9)',
+               'resize(30)|random_crop(24)|flip|rotate(20)|zoom(0.8, 1.2)']
+
+
+@pytest.mark.parametrize('spec', JOINT_SPECS)
+def test_joint_geometric_ops_move_the_mask_with_the_image(spec):
+  mask = _blocky_mask(block=6)
+  example = {'image': _one_hot_image(mask), 'label': mask}
+  transform = A.make_transform(spec)  # task 'auto': a 2-D label is a mask
+  for seed in range(8):
+    out = transform(example, _gen(seed))
+    assert out['label'].dtype == np.int32 and out['label'].shape == out['image'].shape[:2]
+    assert set(np.unique(out['label'])) <= {0, 1, 2, 5}
+    # Shrinking 2.5x (antialiased) and chains of resampling blend more pixels.
+    checked = _check_mask_follows_image(out['image'], out['label'])
+    assert checked > (0.2 if spec == 'resize(11, 9)' else 0.3 if '|' in spec else 0.5)
+    # The same draws as for the image alone: the image is what it would be without a mask.
+    alone = A.make_transform(spec, task='classification')(example, _gen(seed))
+    np.testing.assert_array_equal(out['image'], alone['image'])
+    np.testing.assert_array_equal(alone['label'], mask)
+
+
+def test_joint_exact_ops_with_the_mask_in_an_image_channel():
+  mask = _blocky_mask((20, 20), ids=(0, 1, 2, 3))
+  image = np.stack([mask.astype(np.float32), _image((20, 20, 1))[..., 0],
+                    np.ones((20, 20), np.float32)], axis=-1)
+  for spec in ('flip(1.0)', 'random_crop(13, 11)', 'pad_crop(3)', 'pad_crop(3, reflect)',
+               'rotate(90, 90)', 'rotate(180, 180)', 'center_crop(12)|pad(2)'):
+    out = A.make_transform(spec)({'image': image, 'label': mask}, _gen(4))
+    filled = out['image'][..., 2] == 0  # no source pixel: padding / outside
+    np.testing.assert_array_equal(out['label'][~filled],
+                                  np.rint(out['image'][..., 0][~filled]).astype(np.int32))
+    np.testing.assert_array_equal(out['label'][filled], 0)
+  flipped = A.make_transform('flip(1.0)')({'image': image, 'label': mask}, _gen())
+  np.testing.assert_array_equal(flipped['label'], mask[:, ::-1])
+
+
+def test_resize_nearest():
+  mask = _blocky_mask((10, 13))
+  up = A.resize_nearest(mask, (23, 7))
+  assert up.shape == (23, 7) and up.dtype == mask.dtype
+  np.testing.assert_array_equal(up, np.asarray(jax.image.resize(
+      mask.astype(np.float32), (23, 7), 'nearest')).astype(np.int32))
+  assert A.resize_nearest(mask, 20).shape == (20, 26)  # int: the shorter side
+  np.testing.assert_array_equal(A.resize_nearest(mask, (20, 26)), np.kron(
+      mask, np.ones((2, 2), mask.dtype)))
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.int32, np.int64])
+def test_joint_mask_keeps_dtype_and_values(dtype):
+  mask = _blocky_mask(ids=(1, 2, 7)).astype(dtype)
+  spec = 'resize(40)|rotate(30)|zoom(0.7, 1.3)|random_crop(32)|flip|pad_crop(3)'
+  out = A.make_transform(spec)({'image': _image((24, 28, 3)), 'label': mask}, _gen(1))
+  assert out['label'].dtype == dtype and out['label'].shape == (32, 32)
+  assert set(np.unique(out['label'])) <= {0, 1, 2, 7}  # 0: filled areas only
+  # A (H, W, 1) mask is accepted and comes back (H, W).
+  out = A.make_transform('flip(1.0)')({'image': _image((24, 28, 3)),
+                                       'label': mask[..., None]}, _gen())
+  np.testing.assert_array_equal(out['label'], mask[:, ::-1])
+
+
+def test_photometric_ops_leave_the_mask_alone():
+  mask = _blocky_mask()
+  x = _image((24, 28, 3))
+  spec = 'color_jitter(0.4, 0.4, 0.4)|pca_noise(0.1)|normalize(imagenet)'
+  out = A.make_transform(spec, task='segmentation')({'image': x, 'label': mask}, _gen(2))
+  np.testing.assert_array_equal(out['label'], mask)
+  np.testing.assert_array_equal(out['image'],
+                                A.make_transform(spec)({'image': x}, _gen(2))['image'])
+  grey = A.make_transform('to_rgb')({'image': x[..., :1], 'label': mask})
+  assert grey['image'].shape == (24, 28, 3)
+  np.testing.assert_array_equal(grey['label'], mask)
+  # A callable in a list spec is photometric too.
+  brighter = A.make_transform(['flip(1.0)', lambda image, rng: image * 0.5])(
+      {'image': x, 'label': mask}, _gen())
+  np.testing.assert_array_equal(brighter['label'], mask[:, ::-1])
+
+
+def test_segmentation_task_rules():
+  mask = _blocky_mask()
+  x = _image((24, 28, 3))
+  with pytest.raises(ValueError, match="task='segmentation' needs"):
+    A.make_transform('flip', task='segmentation')({'image': x, 'label': 3}, _gen())
+  with pytest.raises(ValueError, match='task must be one of'):
+    A.make_transform('flip', task='detection')
+  with pytest.raises(ValueError, match=r'must be \(H, W\) like the image'):
+    A.make_transform('flip')({'image': x, 'label': mask[:10]}, _gen())
+  with pytest.raises(ValueError, match='integer class ids'):
+    A.make_transform('flip')({'image': x, 'label': mask.astype(np.float32)}, _gen())
+  with pytest.raises(ValueError, match='changed the image size'):
+    A.make_transform([lambda image, rng: image[:5]])({'image': x, 'label': mask}, _gen())
+  # Scalar labels: 'auto' augments the image alone, as before.
+  out = A.make_transform('flip(1.0)')({'image': x, 'label': np.int32(4)}, _gen())
+  assert out['label'] == 4
+  # The task survives pickling and re-wrapping.
+  t = A.make_transform('rotate(20)', task='segmentation')
+  again = pickle.loads(pickle.dumps(t))
+  assert again.task == 'segmentation' and 'segmentation' in repr(again)
+  ex = {'image': x, 'label': mask}
+  np.testing.assert_array_equal(again(ex, _gen(5))['label'], t(ex, _gen(5))['label'])
+  assert A.make_transform(t) is t
+  assert A.make_transform(t, task='classification').task == 'classification'
+
+
+def test_make_loader_segmentation_batches():
+  masks = [_blocky_mask((16, 16), ids=(0, 1, 2), seed=i).astype(np.uint8) for i in range(10)]
+  source = [{'image': (_image((16, 16, 3), seed=i) * 255).astype(np.uint8), 'label': m}
+            for i, m in enumerate(masks)]
+  transform = A.make_transform('random_crop(12)|flip|rotate(15)|normalize(imagenet)')
+  loader = make_loader(source, batch_size=4, seed=0, task='segmentation',
+                       random_transform=transform)
+  batch = loader[0]
+  assert batch['image'].shape == (4, 12, 12, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (4, 12, 12) and batch['label'].dtype == np.int32
+  assert batch['mask'].shape == (4,) and batch['mask'].dtype == np.float32
+  assert set(np.unique(batch['label'])) <= {0, 1, 2}
+  np.testing.assert_array_equal(batch['label'], make_loader(
+      source, batch_size=4, seed=0, task='segmentation', random_transform=transform)[0]['label'])
+  # Evaluation: the padded last batch has all-0 masks and example mask 0.
+  evaluation = make_loader(source, batch_size=4, seed=0, shuffle=False, num_epochs=1,
+                           drop_remainder=False, task='segmentation')
+  last = evaluation[2]
+  assert last['label'].shape == (4, 16, 16)
+  np.testing.assert_array_equal(last['mask'], [1, 1, 0, 0])
+  np.testing.assert_array_equal(last['label'][:2], np.stack(masks[8:]).astype(np.int32))
+  np.testing.assert_array_equal(last['label'][2:], 0)

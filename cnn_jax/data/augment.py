@@ -26,10 +26,33 @@ intensity (PCA) noise; fine-tuning: rotation, flipping, zooming, colour jitter):
 
 Crops and flips return views of their input (no copy); nothing is modified in place.
 
+Segmentation: image and mask together
+-------------------------------------
+When an example carries a mask -- ``example['label']`` an (H, W) array of integer class
+ids, as ``sources.to_example(..., task='segmentation')`` makes it -- a ``Transform``
+(``make_transform(spec, task=...)``; by default, task 'auto', whenever the label has
+ndim >= 2) moves the mask with the image:
+
+* geometric ops (resize, center_crop, random_crop, pad, pad_crop, flip, rotate, zoom)
+  apply the SAME parameters to both, from the same draws (so the image gets exactly
+  what it would get alone), and resample the mask by NEAREST neighbour: every mask
+  value is one of the input's class ids, never a blend. ``resize`` uses
+  ``resize_nearest`` (half-pixel centres, jax.image.resize's 'nearest' rule); rotate and
+  zoom take, for each output pixel, the input pixel nearest to the point the image
+  samples bilinearly.
+* areas with no source pixel -- outside the rotated or shrunk image, zero padding of
+  pad and pad_crop -- get mask 0, the background class (the image gets 0 there);
+  pad_crop(mode=reflect) reflects the mask as it reflects the image.
+* photometric ops (normalize, color_jitter, pca_noise, to_rgb) and callables in a
+  list spec change the image only (a callable that changes the image size is an error).
+
+The mask keeps its integer dtype and leaves as an (H', W') 'label'.
+
 Spec strings
 ------------
-``make_transform(spec)`` turns a string into a ``(example, rng) -> example`` callable
-that applies the ops to ``example['image']`` left to right::
+``make_transform(spec, task='auto')`` turns a string into a ``(example, rng) -> example``
+callable that applies the ops to ``example['image']`` (and its mask, above) left to
+right::
 
   spec := '' | op ('|' op)*          (a list of op strings is joined with '|')
   op   := name | name '(' args ')'   args as in a Python call: positional, then
@@ -191,14 +214,20 @@ def center_crop(image: np.ndarray, size: Size) -> np.ndarray:
 def random_crop(image: np.ndarray, rng: np.random.Generator, size: Size) -> np.ndarray:
   """A uniformly placed (h, w) window (AlexNet: 227x227 out of 256x256)."""
   image = _hwc('random_crop', image)
+  top, left, h, w = _draw_crop(image.shape, rng, size)
+  return image[top:top + h, left:left + w]
+
+
+def _draw_crop(shape, rng: np.random.Generator, size: Size) -> tuple[int, int, int, int]:
+  """random_crop's window (top, left, h, w) of an image of `shape`: two draws."""
   h, w = _hw('random_crop', size)
-  height, width = image.shape[:2]
+  height, width = shape[:2]
   if h > height or w > width:
     raise ValueError(f'random_crop: crop ({h}, {w}) is larger than the image '
                      f'({height}, {width}); resize first.')
   top = int(rng.integers(0, height - h + 1))
   left = int(rng.integers(0, width - w + 1))
-  return image[top:top + h, left:left + w]
+  return top, left, h, w
 
 
 _PAD_MODES = ('constant', 'reflect')
@@ -219,21 +248,34 @@ def pad_and_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 4,
   The shift is uniform in [-pad, pad] on each axis: the CIFAR ResNet recipe.
   """
   image = _hwc('pad_and_crop', image)
+  dy, dx = _draw_shift(image.shape, rng, pad, mode)
+  return _shift(image, dy, dx, pad, mode)
+
+
+def _draw_shift(shape, rng: np.random.Generator, pad: int, mode: str) -> tuple[int, int]:
+  """pad_and_crop's shift (dy, dx), each uniform in [-pad, pad]: the same two draws as
+  random_crop of the original size on the padded image (top = dy + pad)."""
   if not _is_int(pad) or pad < 0:
     raise ValueError(f'pad_and_crop: pad must be an int >= 0, got {pad!r}.')
   if mode not in _PAD_MODES:
     raise ValueError(f'pad_and_crop: mode must be one of {_PAD_MODES}, got {mode!r}.')
-  height, width = image.shape[:2]
+  height, width = shape[:2]
   if mode == 'reflect' and pad >= min(height, width):
     raise ValueError(f'pad_and_crop: reflect padding {pad} needs an image larger than '
                      f'{pad} pixels, got ({height}, {width}).')
-  if mode == 'reflect':
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
-    return random_crop(padded, rng, (height, width))
-  # Zero padding without building the padded image: the same two draws as
-  # random_crop on it, then copy the part of the image the window overlaps.
   dy = int(rng.integers(0, 2 * pad + 1)) - pad
   dx = int(rng.integers(0, 2 * pad + 1)) - pad
+  return dy, dx
+
+
+def _shift(image: np.ndarray, dy: int, dx: int, pad: int, mode: str) -> np.ndarray:
+  """The H x W window at offset (pad + dy, pad + dx) of the image padded by `pad`."""
+  height, width = image.shape[:2]
+  if mode == 'reflect':
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
+    return padded[pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+  # Zero padding without building the padded image: copy the part of the image the
+  # window overlaps.
   out = np.zeros_like(image)
   out[max(0, -dy):height - max(0, dy), max(0, -dx):width - max(0, dx)] = (
       image[max(0, dy):height + min(0, dy), max(0, dx):width + min(0, dx)])
@@ -244,8 +286,12 @@ def horizontal_flip(image: np.ndarray, rng: np.random.Generator,
                     p: float = 0.5) -> np.ndarray:
   """Mirrors left-right with probability p (always draws one uniform)."""
   image = _hwc('horizontal_flip', image)
+  return image[:, ::-1] if _draw_flip(rng, p) else image
+
+
+def _draw_flip(rng: np.random.Generator, p: float) -> bool:
   p = _probability('horizontal_flip', p)
-  return image[:, ::-1] if rng.random() < p else image
+  return rng.random() < p
 
 
 @functools.lru_cache(maxsize=64)
@@ -312,19 +358,74 @@ def resize(image: np.ndarray, size: Size) -> np.ndarray:
   """
   image = _hwc('resize', image)
   height, width = image.shape[:2]
+  h, w = _resize_shape(image.shape, size)
+  image = np.asarray(image, np.float32)
+  # Shrink first along the axis that shrinks most, so the second pass has less to do.
+  if h / height <= w / width:
+    return _resize_axis(_resize_axis(image, h, 0), w, 1)
+  return _resize_axis(_resize_axis(image, w, 1), h, 0)
+
+
+def _resize_shape(shape, size: Size) -> tuple[int, int]:
+  """resize's output (h, w) for an image of `shape`."""
+  height, width = shape[:2]
   if _is_int(size):
     if size <= 0:
       raise ValueError(f'resize: size must be positive, got {size}.')
     short = min(height, width)
     h = size if height == short else max(1, round(height * size / short))
     w = size if width == short else max(1, round(width * size / short))
-  else:
-    h, w = _hw('resize', size)
-  image = np.asarray(image, np.float32)
-  # Shrink first along the axis that shrinks most, so the second pass has less to do.
-  if h / height <= w / width:
-    return _resize_axis(_resize_axis(image, h, 0), w, 1)
-  return _resize_axis(_resize_axis(image, w, 1), h, 0)
+    return h, w
+  return _hw('resize', size)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Nearest-neighbour source of each output index, half-pixel centres: input
+  floor((i + 0.5) n_in / n_out), jax.image.resize(method='nearest')'s rule (which
+  evaluates it in float32 and so can pick the neighbour at a few near-exact ties)."""
+  index = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+  return np.minimum(index, n_in - 1)
+
+
+def resize_nearest(mask: np.ndarray, size: Size) -> np.ndarray:
+  """Nearest-neighbour resize of an (H, W) or (H, W, C) array, any dtype (masks: every
+  output value is an input value). size as in ``resize``, with the same output shape."""
+  mask = np.asarray(mask)
+  if mask.ndim not in (2, 3):
+    raise ValueError(f'resize_nearest: expected (H, W) or (H, W, C), got {mask.shape}.')
+  h, w = _resize_shape(mask.shape, size)
+  rows = _nearest_index(mask.shape[0], h)
+  cols = _nearest_index(mask.shape[1], w)
+  return mask[rows[:, None], cols[None, :]]
+
+
+def _affine_coords(height: int, width: int, matrix: np.ndarray):
+  """Input coordinates (ys, xs), float32 (H, W), that output pixel (y, x) reads under
+  the map centre + matrix @ ((y, x) - centre), shifted by +1 into the coordinates of
+  the image inside a one-pixel frame."""
+  ry = np.arange(height) - (height - 1) / 2
+  rx = np.arange(width) - (width - 1) / 2
+  # The map is affine, so each coordinate is an outer sum of a row and a column term.
+  ys = np.add.outer((matrix[0, 0] * ry + (height + 1) / 2).astype(np.float32),
+                    (matrix[0, 1] * rx).astype(np.float32))
+  xs = np.add.outer((matrix[1, 0] * ry + (width + 1) / 2).astype(np.float32),
+                    (matrix[1, 1] * rx).astype(np.float32))
+  return ys, xs
+
+
+def _affine_nearest(mask: np.ndarray, matrix: np.ndarray, fill=0) -> np.ndarray:
+  """The nearest-neighbour version of ``_affine_about_centre`` for (H, W, C) arrays of
+  any dtype: out[y, x] = the input pixel nearest to the mapped point (the bilinear
+  neighbour with weight > 1/2), `fill` where that is outside the image."""
+  height, width = mask.shape[:2]
+  ys, xs = _affine_coords(height, width, matrix)
+  # Framed coordinates: the image's pixels are at 1..H (1..W); floor(c + 1/2) rounds.
+  iy = np.floor(ys + np.float32(0.5)).astype(np.int64) - 1
+  ix = np.floor(xs + np.float32(0.5)).astype(np.int64) - 1
+  inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+  out = mask[np.clip(iy, 0, height - 1), np.clip(ix, 0, width - 1)]
+  out[~inside] = fill
+  return out
 
 
 def _affine_about_centre(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -337,15 +438,8 @@ def _affine_about_centre(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
   """
   height, width, channels = image.shape
   framed_width = width + 2
-  ry = np.arange(height) - (height - 1) / 2
-  rx = np.arange(width) - (width - 1) / 2
-  # The map is affine, so each coordinate is an outer sum of a row and a column term.
-  # The +1 moves into framed coordinates, which are >= 0 after clipping, so casting
-  # to int is floor.
-  ys = np.add.outer((matrix[0, 0] * ry + (height + 1) / 2).astype(np.float32),
-                    (matrix[0, 1] * rx).astype(np.float32))
-  xs = np.add.outer((matrix[1, 0] * ry + (width + 1) / 2).astype(np.float32),
-                    (matrix[1, 1] * rx).astype(np.float32))
+  # Framed coordinates are >= 0 after clipping, so casting to int is floor.
+  ys, xs = _affine_coords(height, width, matrix)
   np.clip(ys, 0, height + 1, out=ys)
   np.clip(xs, 0, width + 1, out=xs)
   y0 = ys.astype(np.int32)
@@ -384,10 +478,14 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
   image = _hwc('rotate', image)
   if degrees == 0:
     return image
+  return _affine_about_centre(image, _rotation_matrix(degrees))
+
+
+def _rotation_matrix(degrees: float) -> np.ndarray:
   theta = math.radians(degrees)
   c, s = math.cos(theta), math.sin(theta)
   # Output offset (dy, dx) reads the input at the offset rotated back by -theta.
-  return _affine_about_centre(image, np.array([[c, s], [-s, c]]))
+  return np.array([[c, s], [-s, c]])
 
 
 def zoom(image: np.ndarray, scale: float) -> np.ndarray:
@@ -404,17 +502,25 @@ def zoom(image: np.ndarray, scale: float) -> np.ndarray:
 def random_rotation(image: np.ndarray, rng: np.random.Generator,
                     max_degrees: float | tuple[float, float]) -> np.ndarray:
   """Rotation by an angle uniform in [-max_degrees, max_degrees] (or [lo, hi])."""
+  return rotate(image, _draw_degrees(rng, max_degrees))
+
+
+def _draw_degrees(rng: np.random.Generator, max_degrees) -> float:
   lo, hi = _range('random_rotation', 'max_degrees', max_degrees, symmetric=True)
-  return rotate(image, float(rng.uniform(lo, hi)))
+  return float(rng.uniform(lo, hi))
 
 
 def random_zoom(image: np.ndarray, rng: np.random.Generator,
                 scale: float | tuple[float, float] = (0.9, 1.1)) -> np.ndarray:
   """Zoom by a factor uniform in scale=(lo, hi) (a number: that fixed factor)."""
+  return zoom(image, _draw_scale(rng, scale))
+
+
+def _draw_scale(rng: np.random.Generator, scale) -> float:
   lo, hi = _range('random_zoom', 'scale', scale, symmetric=False)
   if lo <= 0:
     raise ValueError(f'random_zoom: scale must be > 0, got {scale!r}.')
-  return zoom(image, float(rng.uniform(lo, hi)))
+  return float(rng.uniform(lo, hi))
 
 
 # ------------------------------------------------------------------------ colour ops
@@ -597,18 +703,49 @@ def pca_from_images(images) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------- spec strings
 
 ImageFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# What a parsed op is: (image, mask or None, rng) -> (image, mask). The mask is the
+# segmentation label as (H, W, 1) ints; geometric ops move it with the image.
+JointFn = Callable[[np.ndarray, np.ndarray | None, np.random.Generator | None],
+                   tuple[np.ndarray, np.ndarray | None]]
 
 
-def _build_size(op: str, apply: Callable[[np.ndarray, np.random.Generator, Size],
-                                         np.ndarray]):
-  """Builder for ops taking `size` or `h, w`."""
-  def build(*size):
-    if len(size) not in (1, 2):
-      raise ValueError(f'{op}: give size, or h and w.')
-    value = size[0] if len(size) == 1 else tuple(size)
-    _hw(op, value)
-    return lambda image, rng: apply(image, rng, value)
-  return build
+def _image_only(fn: ImageFn) -> JointFn:
+  """A photometric op: changes the image, passes the mask through."""
+  return lambda image, mask, rng: (fn(image, rng), mask)
+
+
+def _sized(op: str, size) -> Size:
+  if len(size) not in (1, 2):
+    raise ValueError(f'{op}: give size, or h and w.')
+  value = size[0] if len(size) == 1 else tuple(size)
+  _hw(op, value)
+  return value
+
+
+def _build_resize(*size):
+  size = _sized('resize', size)
+
+  def fn(image, mask, rng):
+    image = resize(image, size)
+    return image, None if mask is None else resize_nearest(mask, image.shape[:2])
+  return fn
+
+
+def _build_center_crop(*size):
+  size = _sized('center_crop', size)
+  return lambda image, mask, rng: (center_crop(image, size),
+                                   None if mask is None else center_crop(mask, size))
+
+
+def _build_random_crop(*size):
+  size = _sized('random_crop', size)
+
+  def fn(image, mask, rng):
+    image = _hwc('random_crop', image)
+    top, left, h, w = _draw_crop(image.shape, rng, size)
+    window = (slice(top, top + h), slice(left, left + w))
+    return image[window], None if mask is None else mask[window]
+  return fn
 
 
 def _build_pad_crop(pad=4, mode='constant'):
@@ -616,30 +753,44 @@ def _build_pad_crop(pad=4, mode='constant'):
     raise ValueError(f'pad_crop: pad must be an int >= 0, got {pad!r}.')
   if mode not in _PAD_MODES:
     raise ValueError(f'pad_crop: mode must be one of {_PAD_MODES}, got {mode!r}.')
-  return lambda image, rng: pad_and_crop(image, rng, pad, mode)
+
+  def fn(image, mask, rng):
+    image = _hwc('pad_and_crop', image)
+    dy, dx = _draw_shift(image.shape, rng, pad, mode)
+    return (_shift(image, dy, dx, pad, mode),
+            None if mask is None else _shift(mask, dy, dx, pad, mode))
+  return fn
 
 
 def _build_pad(amount):
   if not _is_int(amount) or amount < 0:
     raise ValueError(f'pad: amount must be an int >= 0, got {amount!r}.')
-  return lambda image, rng: pad(image, amount)
+  return lambda image, mask, rng: (pad(image, amount),
+                                   None if mask is None else pad(mask, amount))
 
 
 def _build_flip(p=0.5):
   p = _probability('flip', p)
-  return lambda image, rng: horizontal_flip(image, rng, p)
+
+  def fn(image, mask, rng):
+    image = _hwc('horizontal_flip', image)
+    if not _draw_flip(rng, p):
+      return image, mask
+    return image[:, ::-1], None if mask is None else mask[:, ::-1]
+  return fn
 
 
 def _build_pca_noise(std=0.1):
   std = _non_negative('pca_noise', 'std', std)
-  return lambda image, rng: pca_color_noise(image, rng, std)
+  return _image_only(lambda image, rng: pca_color_noise(image, rng, std))
 
 
 def _build_color_jitter(brightness=0.0, contrast=0.0, saturation=0.0):
   for name, amount in (('brightness', brightness), ('contrast', contrast),
                        ('saturation', saturation)):
     _non_negative('color_jitter', name, amount)
-  return lambda image, rng: color_jitter(image, rng, brightness, contrast, saturation)
+  return _image_only(
+      lambda image, rng: color_jitter(image, rng, brightness, contrast, saturation))
 
 
 def _build_rotate(*max_degrees):
@@ -647,7 +798,14 @@ def _build_rotate(*max_degrees):
     raise ValueError('rotate: give max_degrees, or lo and hi.')
   value = max_degrees[0] if len(max_degrees) == 1 else tuple(max_degrees)
   value = _range('rotate', 'max_degrees', value, symmetric=True)
-  return lambda image, rng: random_rotation(image, rng, value)
+
+  def fn(image, mask, rng):
+    degrees = _draw_degrees(rng, value)
+    image = rotate(image, degrees)
+    if mask is None or degrees == 0:
+      return image, mask
+    return image, _affine_nearest(mask, _rotation_matrix(degrees))
+  return fn
 
 
 def _build_zoom(*scale):
@@ -657,7 +815,14 @@ def _build_zoom(*scale):
   lo, hi = _range('zoom', 'scale', value, symmetric=False)
   if lo <= 0:
     raise ValueError(f'zoom: scale must be > 0, got {value!r}.')
-  return lambda image, rng: random_zoom(image, rng, (lo, hi))
+
+  def fn(image, mask, rng):
+    factor = _draw_scale(rng, (lo, hi))
+    image = zoom(image, factor)
+    if mask is None or factor == 1:
+      return image, mask
+    return image, _affine_nearest(mask, np.eye(2) / factor)
+  return fn
 
 
 def _build_normalize(*args):
@@ -679,21 +844,18 @@ def _build_normalize(*args):
   else:
     raise ValueError(f'normalize: give a statistics name ({", ".join(STATS)}) or mean '
                      f'and std, got {args!r}.')
-  return lambda image, rng: normalize(image, mean, std)
+  return _image_only(lambda image, rng: normalize(image, mean, std))
 
 
 def _build_to_rgb():
-  return lambda image, rng: to_rgb(image)
+  return _image_only(lambda image, rng: to_rgb(image))
 
 
 # name -> (builder, random, usage)
-_OPS: dict[str, tuple[Callable[..., ImageFn], bool, str]] = {
-    'resize': (_build_size('resize', lambda x, rng, size: resize(x, size)), False,
-               'resize(size) or resize(h, w)'),
-    'center_crop': (_build_size('center_crop', lambda x, rng, size: center_crop(x, size)),
-                    False, 'center_crop(size) or center_crop(h, w)'),
-    'random_crop': (_build_size('random_crop', random_crop), True,
-                    'random_crop(size) or random_crop(h, w)'),
+_OPS: dict[str, tuple[Callable[..., JointFn], bool, str]] = {
+    'resize': (_build_resize, False, 'resize(size) or resize(h, w)'),
+    'center_crop': (_build_center_crop, False, 'center_crop(size) or center_crop(h, w)'),
+    'random_crop': (_build_random_crop, True, 'random_crop(size) or random_crop(h, w)'),
     'pad': (_build_pad, False, 'pad(amount)'),
     'pad_crop': (_build_pad_crop, True, 'pad_crop(pad=4, mode=constant|reflect)'),
     'flip': (_build_flip, True, 'flip(p=0.5)'),
@@ -724,7 +886,7 @@ def _valid_ops() -> str:
   return '; '.join(usage for _, _, usage in _OPS.values())
 
 
-def _parse_op(text: str, spec: str) -> tuple[str, ImageFn, bool]:
+def _parse_op(text: str, spec: str) -> tuple[str, JointFn, bool]:
   match = _OP_RE.match(text)
   if not match:
     raise ValueError(f'Cannot parse augmentation op {text!r} in spec {spec!r}; expected '
@@ -757,15 +919,28 @@ def _parse_op(text: str, spec: str) -> tuple[str, ImageFn, bool]:
   return text.strip(), fn, random
 
 
+TASKS = ('auto', 'classification', 'segmentation')
+
+
 class Transform:
   """A parsed spec: ``transform(example, rng) -> example`` with the image augmented.
 
   Other keys of the example pass through. rng may be omitted when no op is random,
   so a deterministic spec also fits ``make_loader(transform=...)``. Pickles as its
-  spec (for multiprocess loaders).
+  spec and task (for multiprocess loaders).
+
+  task: 'classification' touches only the image. 'segmentation' needs
+  ``example['label']`` to be a mask of integer class ids, (H, W) (or (H, W, 1))
+  like the image: geometric ops move it with the same random draws, resampled by
+  nearest neighbour, so it stays a mask of valid ids; photometric ops leave it alone
+  (see the module docstring). 'auto' (the default) is 'segmentation' for examples
+  whose label has ndim >= 2 and 'classification' for the others (scalar labels).
   """
 
-  def __init__(self, spec: str | Sequence[str | ImageFn] | None):
+  def __init__(self, spec: str | Sequence[str | ImageFn] | None, task: str = 'auto'):
+    if task not in TASKS:
+      raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
+    self.task = task
     if spec is not None and not isinstance(spec, str):
       spec = list(spec)
     self._spec = spec
@@ -779,13 +954,13 @@ class Transform:
                            for s in spec)
       for item in spec:
         if callable(item):
-          ops.append((getattr(item, '__name__', repr(item)), item, True))
+          ops.append((getattr(item, '__name__', repr(item)), _image_only(item), True))
         elif isinstance(item, str):
           ops.extend(self._parse(text, spec_text) for text in item.split('|')
                      if text.strip())
         else:
           raise ValueError(f'A spec list holds op strings or callables, got {item!r}.')
-    self.ops: list[tuple[str, ImageFn, bool]] = ops
+    self.ops: list[tuple[str, JointFn, bool]] = ops
     self._random = any(random for _, _, random in ops)
 
   @staticmethod
@@ -802,6 +977,28 @@ class Transform:
   def is_random(self) -> bool:
     return self._random
 
+  def _mask(self, example: dict, image: np.ndarray) -> np.ndarray | None:
+    """The example's mask as (H, W, 1), or None when the image is augmented alone."""
+    if self.task == 'classification':
+      return None
+    label = example.get('label')
+    mask = None if label is None else np.asarray(label)
+    if mask is None or mask.ndim < 2:
+      if self.task == 'segmentation':
+        shape = None if mask is None else mask.shape
+        raise ValueError(f"Augmentation with task='segmentation' needs example['label'] "
+                         f'to be an (H, W) mask, got {"no label" if mask is None else shape}.')
+      return None
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+      mask = mask[..., 0]
+    if mask.ndim != 2 or mask.shape != image.shape[:2]:
+      raise ValueError(f'Augmentation: the mask (label of shape {np.shape(label)}) must be '
+                       f'(H, W) like the image {image.shape}.')
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+      raise ValueError(f'Augmentation: the mask must hold integer class ids, got dtype '
+                       f'{mask.dtype}.')
+    return mask[..., None]
+
   def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
     if rng is None and self._random:
       raise ValueError(f'Augmentation spec {self.spec!r} has random ops and needs an rng '
@@ -811,41 +1008,58 @@ class Transform:
       raise ValueError(f'Augmentation expects float images in [0, 1] '
                        f'(sources.to_example), got dtype {image.dtype}.')
     image = image.astype(np.float32, copy=False)
+    mask = self._mask(example, image)
     for text, fn, _ in self.ops:
       try:
-        image = fn(image, rng)
+        image, mask = fn(image, mask, rng)
       except ValueError as e:
         raise ValueError(f'Augmentation op {text!r} of spec {self.spec!r} failed on an '
                          f'image of shape {image.shape}: {e}') from e
+      if mask is not None and mask.shape[:2] != image.shape[:2]:
+        raise ValueError(f'Augmentation op {text!r} of spec {self.spec!r} changed the '
+                         f'image size to {image.shape[:2]} but not the mask '
+                         f'{mask.shape[:2]}: callables in a spec may only change colours.')
     out = dict(example)
     out['image'] = np.asarray(image, np.float32)
+    if mask is not None:
+      out['label'] = mask[..., 0]
     return out
 
   def __repr__(self) -> str:
-    return f'Transform({self.spec!r})'
+    if self.task == 'auto':
+      return f'Transform({self.spec!r})'
+    return f'Transform({self.spec!r}, task={self.task!r})'
 
   def __reduce__(self):
-    return Transform, (self._spec,)
+    return Transform, (self._spec, self.task)
 
 
-def make_transform(spec: str | Sequence[str | ImageFn] | None) -> Transform:
+def make_transform(spec: str | Sequence[str | ImageFn] | None,
+                   task: str = 'auto') -> Transform:
   """Parses an augmentation spec (grammar and op table in the module docstring).
 
   Args:
     spec: ``'op|op(args)|...'``, a list of such strings (and/or ``(image, rng) ->
-      image`` callables), or ''/None for the identity.
+      image`` callables, which change the image only), or ''/None for the identity.
+    task: 'auto' (default: an example whose 'label' has ndim >= 2 is a segmentation
+      example, others are classification examples), 'classification' (the image
+      only) or 'segmentation' (every example must carry an (H, W) mask in 'label';
+      geometric ops transform it with the image, nearest-neighbour).
 
   Returns:
     A ``Transform``: ``(example, rng) -> example`` applying the ops to
-    ``example['image']`` in order, for ``make_loader(random_transform=...)``.
+    ``example['image']`` (and its mask) in order, for
+    ``make_loader(random_transform=...)``.
 
   Raises:
     ValueError: unknown op, unreadable or invalid arguments (naming the op, the spec
-      and the valid usages), before any image is seen.
+      and the valid usages), or an unknown task, before any image is seen.
   """
   if isinstance(spec, Transform):
-    return spec
-  return Transform(spec)
+    if task in ('auto', spec.task):
+      return spec
+    return Transform(spec._spec, task)  # pylint: disable=protected-access
+  return Transform(spec, task)
 
 
 def is_random(spec: str | Sequence[str | ImageFn] | None) -> bool:
@@ -855,7 +1069,8 @@ def is_random(spec: str | Sequence[str | ImageFn] | None) -> bool:
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_EIGVALS', 'IMAGENET_EIGVECS', 'IMAGENET_MEAN',
-    'IMAGENET_STD', 'MNIST_MEAN', 'MNIST_STD', 'OPS', 'STATS', 'Transform', 'center_crop', 'pad',
+    'IMAGENET_STD', 'MNIST_MEAN', 'MNIST_STD', 'OPS', 'STATS', 'TASKS', 'Transform',
+    'center_crop', 'pad', 'resize_nearest',
     'channel_stats', 'color_jitter', 'horizontal_flip', 'is_random', 'make_transform',
     'normalize', 'pad_and_crop', 'pca_color_noise', 'pca_from_images', 'random_crop',
     'random_rotation', 'random_zoom', 'resize', 'rotate', 'to_rgb', 'zoom',

@@ -1,6 +1,6 @@
 """Offline datasets that ship with Python packages, as tensorflow-datasets builders.
 
-Two builders are registered with tfds when this module is imported:
+Three builders are registered with tfds when this module is imported:
 
 * ``digits``  -- scikit-learn's ``load_digits``: 1,797 real 8x8 handwritten digits
   (values 0..16), scaled to [0, 1] by dividing by 16 and upsampled 4x to 32x32 with
@@ -14,17 +14,26 @@ Two builders are registered with tfds when this module is imported:
   (``make_dataset(get_dataset_args())``: its default seed 42, 5,000 samples, 80/20
   split) -> 4,000 train / 1,000 test sequences of length 40, stored as
   ``image: (40, 1) float32`` (length, channels), ``label: int64``.
+* ``plants``  -- SYNTHETIC 3-class segmentation scenes drawn procedurally by
+  ``scenes.py`` (not photographs): soil background (class 0), broad-leaved rosettes
+  (class 1) and grass tufts (class 2), after the notes' ResUNet++ wild-plants demo.
+  1,000 scenes split 60/10/30 as in the notes: scenes 0-599 train, 600-699
+  validation, 700-999 test. Stored as ``image: (128, 128, 3) uint8`` and
+  ``label: (128, 128) uint8`` (the mask of class ids).
 
 Records are stored in generation order (``disable_shuffling``), so record i of a split
 equals element i of ``digits_arrays()`` / ``mnist1d_arrays()`` (digits: increasing
-original ``load_digits`` index). Both use only ``tfds.features.Tensor`` features, so they can be prepared with
-``file_format='array_record'`` and read with ``tfds.data_source`` without TensorFlow.
-Nothing is downloaded.
+original ``load_digits`` index), and record i of a plants split is
+``scenes.scene(start + i)``. All use only ``tfds.features.Tensor`` features, so they
+can be prepared with ``file_format='array_record'`` and read with ``tfds.data_source``
+without TensorFlow. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cnn_jax.data import scenes
 
 DIGITS_SIZE = 32
 DIGITS_TEST_SIZE = 360
@@ -33,6 +42,8 @@ MNIST1D_LENGTH = 40
 
 _CITATION_DIGITS = 'Alpaydin & Kaynak (1998), UCI Optical Recognition of Handwritten Digits.'
 _CITATION_MNIST1D = 'Greydanus (2020), Scaling down deep learning (MNIST-1D).'
+_CITATION_PLANTS = ("Synthetic data (cnn_jax.data.scenes), modelled on the lecture notes' "
+                    'ResUNet++ wild-plant segmentation demo; no real images.')
 
 
 def bilinear_upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -149,4 +160,44 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
     raise NotImplementedError
 
 
-BUILDERS = {'digits': Digits, 'mnist1d': Mnist1d}
+def _plant_examples(start: int, stop: int):
+  for i in range(start, stop):
+    image, mask = scenes.scene(i)
+    yield i - start, {'image': image, 'label': mask}
+
+
+class Plants(tfds.core.GeneratorBasedBuilder):
+  """SYNTHETIC wild-plant segmentation scenes (scenes.py), 128x128 RGB uint8 with
+  (128, 128) uint8 masks (0 background, 1 rosette, 2 grass), 600/100/300."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def _info(self):
+    size = scenes.SIZE
+    return self.dataset_info_from_configs(
+        description=('SYNTHETIC (procedurally drawn, not photographs) 3-class wild-plant '
+                     'segmentation scenes: label is the (H, W) mask of class ids '
+                     f'{dict(enumerate(scenes.CLASS_NAMES))}.\n\n' + __doc__),
+        # encoding='bytes' stores raw uint8 bytes: without it tfds writes every pixel
+        # as a protobuf int64, which takes longer to write and to read than drawing.
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8,
+                                          encoding='bytes'),
+            'label': tfds.features.Tensor(shape=(size, size), dtype=np.uint8,
+                                          encoding='bytes'),
+        }),
+        supervised_keys=('image', 'label'),
+        disable_shuffling=True,  # keep generation order: record i == scene(start + i)
+        citation=_CITATION_PLANTS,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {split: _plant_examples(*span) for split, span in scenes.SPLITS.items()}
+
+  def _generate_examples(self, *args, **kwargs):
+    raise NotImplementedError
+
+
+BUILDERS = {'digits': Digits, 'mnist1d': Mnist1d, 'plants': Plants}

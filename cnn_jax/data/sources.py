@@ -1,20 +1,23 @@
 """Random-access data sources (tfds.data_source) and grain loaders.
 
 ``get_source(name, split, data_dir)``
-  * embedded names (``digits``, ``mnist1d``; see ``embedded.py``) are prepared on first
-    use into ``data_dir`` as array_record files (offline, a few seconds) and read back;
+  * embedded names (``digits``, ``mnist1d``, ``plants``; see ``embedded.py``) are
+    prepared on first use into ``data_dir`` as array_record files (offline, seconds)
+    and read back;
   * catalog names (``mnist``, ``cifar10``, ``mnist:3.0.1``, ``cifar10/config`` ...) are
     read only if already prepared (array_record) under ``data_dir``; otherwise a
     ``ValueError`` is raised at once, naming the command that prepares them, instead
     of letting tfds retry the network for minutes.
 
-``make_loader(source, batch_size=..., seed=...)``
+``make_loader(source, batch_size=..., seed=..., task='classification')``
   a grain ``MapDataset`` pipeline yielding ``{'image': float32 (B, ...), 'label': int32
-  (B,), 'mask': float32 (B,)}`` batches, deterministic given the seed, reshuffled
-  every epoch, indexable by step, and split by rows across processes (multi-host).
+  (B,), 'mask': float32 (B,)}`` batches (``task='segmentation'``: 'label' is int32
+  (B, H, W)), deterministic given the seed, reshuffled every epoch, indexable by step,
+  and split by rows across processes (multi-host).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from typing import Any, Callable
@@ -98,17 +101,52 @@ def get_source(name: str, split: str, data_dir: str | None = None):
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
-def to_example(record: dict) -> dict:
+TASKS = ('classification', 'segmentation')
+
+
+def _as_mask(mask) -> np.ndarray:
+  """A mask (H, W) or (H, W, 1) -> int32 (H, W)."""
+  mask = np.asarray(mask)
+  if mask.ndim == 3 and mask.shape[-1] == 1:
+    mask = mask[..., 0]
+  return mask.astype(np.int32)
+
+
+def to_example(record: dict, task: str = 'classification') -> dict:
   """A raw tfds record -> {'image': float32, 'label': int32}.
 
   uint8 images (catalog datasets) are scaled to [0, 1]; float images are kept as is.
+
+  task='classification' (the default): label = record['label'].
+  task='segmentation': label = the (H, W) mask of class ids:
+    * record['segmentation_mask'] when present, minus 1: tfds' oxford_iiit_pet trimap
+      (1 pet, 2 background, 3 border -> 0 pet, 1 background, 2 border), whose
+      record['label'] is the breed and is not used. A 'segmentation_mask' holding a 0
+      follows another convention (caltech_birds2011, for one, uses the same key) and
+      raises ValueError;
+    * else record['label'], which must be a mask (ndim >= 2; e.g. ``plants``).
+  Either way a label with ndim >= 2 is a mask: int32, a trailing channel of 1 dropped.
   """
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
   image = np.asarray(record['image'])
   if image.dtype == np.uint8:
     image = image.astype(np.float32) / 255.0
   else:
     image = image.astype(np.float32)
-  return {'image': image, 'label': np.asarray(record['label'], np.int32)}
+  if task == 'segmentation' and 'segmentation_mask' in record:
+    mask = _as_mask(record['segmentation_mask'])
+    if mask.size and mask.min() < 1:
+      raise ValueError("segmentation_mask holds 0: expected oxford_iiit_pet's trimap "
+                       'values 1 (pet), 2 (background), 3 (border).')
+    return {'image': image, 'label': mask - 1}
+  label = np.asarray(record['label'])
+  if label.ndim >= 2:
+    return {'image': image, 'label': _as_mask(label)}
+  if task == 'segmentation':
+    raise ValueError(f"task='segmentation' needs a mask: a 'segmentation_mask' or an "
+                     f"(H, W) 'label', got a label of shape {label.shape}.")
+  return {'image': image, 'label': label.astype(np.int32)}
 
 
 def make_loader(
@@ -123,6 +161,7 @@ def make_loader(
     random_transform: Callable[[dict, np.random.Generator], dict] | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    task: str = 'classification',
 ) -> grain.MapDataset:
   """A grain MapDataset of dict batches {'image', 'label', 'mask'}.
 
@@ -141,10 +180,13 @@ def make_loader(
   stay static and masked sums stay exact. ``num_epochs=None`` repeats forever.
   The result supports ``len``, indexing ``ds[step]`` (random access: step k is the
   same batch on every run, which is how a resumed run continues its data) and
-  iteration.
+  iteration. ``task`` is passed to ``to_example``: with 'segmentation' the 'label'
+  of a batch is the int32 (B, H, W) stack of masks (padding examples: all 0).
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} must be in [0, process_count='
                      f'{process_count}).')
@@ -158,7 +200,7 @@ def make_loader(
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.map(to_example)
+  ds = ds.map(functools.partial(to_example, task=task))
   if transform is not None:
     ds = ds.map(transform)
   if random_transform is not None:
@@ -194,8 +236,9 @@ def _padding_example(example: dict) -> dict:
   return out
 
 
-# Class counts of the embedded datasets, whose labels are plain integer tensors.
-_EMBEDDED_NUM_CLASSES = {'digits': 10, 'mnist1d': 10}
+# Class counts of the embedded datasets, whose labels are plain integer tensors
+# (plants: the class ids of its masks).
+_EMBEDDED_NUM_CLASSES = {'digits': 10, 'mnist1d': 10, 'plants': 3}
 
 
 def num_classes(source, name: str) -> int:
