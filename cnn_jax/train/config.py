@@ -27,9 +27,10 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+TASKS = ('classification', 'segmentation')
 PARALLELISM = ('jit', 'pmap')
 CONV_IMPLS = ('cnn_jax', 'flax')
-LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse')
+LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse', 'dice', 'cross_entropy+dice')
 BEST_MODES = ('max', 'min')
 # Keys that may change between runs in one workdir without --config.allow_config_change:
 # they steer how the run is observed or where it stops, not what it computes.
@@ -42,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every config key with its default. Locked: unknown keys are errors."""
   c = ml_collections.ConfigDict()
   # --- what is trained
+  c.task = 'classification'        # or 'segmentation': per-pixel labels, Dice/IoU metrics
   c.model = ''                     # a name from cnn_jax.models.list_models()
   c.model_kwargs = ml_collections.ConfigDict()  # extra fields for the model class
   c.conv = 'cnn_jax'               # 'cnn_jax': our custom_vjp conv; 'flax': flax.linen.Conv
@@ -66,8 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
       boundaries=(), decay_factor=0.1, grad_clip_norm=placeholder(float),
       plateau_factor=0.1, plateau_patience=2))
   c.loss = ml_collections.ConfigDict(dict(
-      name='cross_entropy', label_smoothing=0.0,
-      aux_weight=0.3))             # weight of GoogLeNet's auxiliary losses
+      name='cross_entropy',        # see LOSSES; 'cross_entropy+dice' for segmentation
+      label_smoothing=0.0,
+      aux_weight=0.3,              # weight of GoogLeNet's auxiliary losses
+      class_weights=()))           # per-class loss weights; () for none
   # --- parallelism
   c.parallelism = 'jit'            # 'jit': Mesh + NamedSharding; 'pmap': jax.pmap
   c.num_devices = placeholder(int)  # None: all devices
@@ -88,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   # --- output
   c.progress_bar = True
   c.write_plots = True
+  c.num_sample_predictions = 6     # segmentation: rows in sample_predictions.png
   c.print_summary = True
   c.lock()
   c.model_kwargs.unlock()
@@ -164,6 +169,7 @@ def validate(config) -> ml_collections.ConfigDict:
     v = config[key]
     if v is not None and v <= 0:
       raise ValueError(f'config key {key!r} must be positive, got {v}.')
+  _check_choice('task', config.task, TASKS)
   _check_choice('parallelism', config.parallelism, PARALLELISM)
   _check_choice('conv', config.conv, CONV_IMPLS)
   _check_choice('loss.name', config.loss.name, LOSSES)

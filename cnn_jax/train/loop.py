@@ -10,7 +10,9 @@ checkpoint ends bit-identical to an uninterrupted one.
 Workdir contents::
 
     config.json  checkpoints/  metrics.jsonl  tensorboard/  final_metrics.json
-    summary.txt  training_curves.png  confusion_matrix.png  confusion_matrix.json
+    epochs.csv (train and validation statistics, one row per evaluation)
+    test_per_class.csv  summary.txt  training_curves.png  confusion_matrix.png
+    confusion_matrix.json  sample_predictions.png (segmentation)
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ class Run:
                                                                   config.dataset)
     self.train_transform = augment.make_transform(config.train_transform)
     self.eval_transform = augment.make_transform(config.eval_transform)
-    example = self.eval_transform(data_lib.to_example(self.eval_source[0]),
+    example = self.eval_transform(data_lib.to_example(self.eval_source[0], task=config.task),
                                   np.random.default_rng(0))
     self.input_shape = tuple(example['image'].shape)
 
@@ -129,19 +131,21 @@ class Run:
     return data_lib.make_loader(
         self.train_source, batch_size=self.config.batch_size, seed=self.config.seed,
         random_transform=self.train_transform, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), task=self.config.task)
 
   def eval_loader(self, source):
     return data_lib.make_loader(
         source, batch_size=self.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
         drop_remainder=False, random_transform=self.eval_transform,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        task=self.config.task)
 
   def train_step_fn(self):
     c = self.config.loss
     fn = functools.partial(steps.train_step, label_smoothing=float(c.label_smoothing),
                            aux_weight=float(c.aux_weight), lr_schedule=self.lr_schedule,
-                           axis_name=self.par.axis_name, loss_name=c.name)
+                           axis_name=self.par.axis_name, loss_name=c.name,
+                           class_weights=tuple(c.class_weights))
     return self.par.wrap(fn, donate_state=True)
 
   def eval_step_fn(self):
@@ -164,7 +168,15 @@ def _evaluate(run: Run, state, eval_step, source) -> Dict[str, Any]:
     out = run.par.unreplicate_metrics(out)
     totals = out if totals is None else jax.tree_util.tree_map(np.add, totals, out)
   metrics = steps.finalize_eval_metrics(totals)
-  metrics['confusion'] = np.asarray(totals['confusion'])
+  confusion = np.asarray(totals['confusion'])
+  if run.config.task == 'segmentation':
+    scores = metrics_lib.segmentation_scores(confusion)
+    metrics.update(mean_dice=scores['mean_dice'], mean_iou=scores['mean_iou'],
+                   pixel_accuracy=scores['pixel_accuracy'])
+    for c, (d, j) in enumerate(zip(scores['dice'], scores['iou'])):
+      if d is not None:   # a class absent from truth and prediction has no score
+        metrics[f'dice_class{c}'], metrics[f'iou_class{c}'] = d, j
+  metrics['confusion'] = confusion
   return metrics
 
 
@@ -277,6 +289,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
   bar = (writers.ProgressBar(end - start, desc=f'{config.model} steps {start}->{end}')
          if run.is_chief and config.progress_bar and end > start else None)
   pending = []   # (step, device metrics) not yet fetched
+  # Train metrics summed since the last evaluation point (for epochs.csv); kept in
+  # loop_state so a resumed run's rows equal an uninterrupted run's.
+  loop_state.setdefault('epoch_sums', {})
+  loop_state.setdefault('epoch_count', 0)
+  csv_path = os.path.join(workdir, 'epochs.csv')
+  csv_resume = [start]   # the first row written drops rows a resumed run will redo
   step = start
   t_train = time.time()
   with _Preemption() as preempt, writer:
@@ -287,10 +305,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
       state, metrics = train_step(state, run.par.put_batch(batch))
       pending.append((step + 1, metrics))
       done = step + 1
-      is_eval = run.val_source is not None and (done % run.eval_every == 0 or done == run.total_steps)
+      at_eval_point = done % run.eval_every == 0 or done == run.total_steps
+      is_eval = run.val_source is not None and at_eval_point
       is_ckpt = done % config.checkpoint_every_steps == 0 or done == run.total_steps
-      stopping = preempt.signal is not None or done == end
-      if done % config.log_every_steps == 0 or is_eval or is_ckpt or stopping:
+      signalled = preempt.signal is not None   # read once: a signal may land mid-block
+      stopping = signalled or done == end
+      if done % config.log_every_steps == 0 or at_eval_point or is_ckpt or stopping:
         fetched = [(s, run.par.unreplicate_metrics(m)) for s, m in pending]
         pending = []
         for s, m in fetched:
@@ -303,6 +323,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
                 f'checkpoint: {where}. Lower optimizer.lr, set optimizer.grad_clip_norm, or '
                 'check the input data for NaN/Inf.')
         train_metrics = _mean_metrics(fetched)
+        for _, m in fetched:
+          for k, v in m.items():
+            loop_state['epoch_sums'][k] = loop_state['epoch_sums'].get(k, 0.0) + float(v)
+          loop_state['epoch_count'] += 1
         scalars = _scalars('train', metrics_lib.add_error_rates(train_metrics))
         plateau = optim.plateau_scale(run.par.get_state(state.opt_state)) \
             if config.optimizer.schedule == 'plateau' else None
@@ -318,9 +342,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
           val_scalars = _scalars('val', val)
           writer.write_scalars(done, val_scalars)
           state = _after_validation(run, state, loop_state, {**scalars, **val_scalars}, done)
+        if at_eval_point and loop_state['epoch_count']:
+          n = loop_state['epoch_count']
+          means = {k: v / n for k, v in loop_state['epoch_sums'].items()}
+          row = dict(step=done, epoch=round(done / run.steps_per_epoch, 4),
+                     **_scalars('train', metrics_lib.add_error_rates(means)), **val_scalars)
+          if run.is_chief:
+            writers.append_csv_row(csv_path, row, resume_step=csv_resume.pop() if csv_resume
+                                   else None)
+          loop_state.update(epoch_sums={}, epoch_count=0)
         if is_ckpt or stopping or loop_state['stopped_early']:
           save(done, {**scalars, **val_scalars})
-        if preempt.signal is not None or loop_state['stopped_early']:
+        if signalled or loop_state['stopped_early']:
           break
     else:
       done = end
@@ -338,6 +371,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
   test = _evaluate(run, state, eval_step, run.eval_source)
   confusion = test.pop('confusion')
   final = {f'test_{k}': v for k, v in test.items()}
+  if run.is_chief:
+    _write_per_class(os.path.join(workdir, 'test_per_class.csv'), confusion, config.task)
+    if config.task == 'segmentation' and config.write_plots:
+      _sample_predictions(run, state, os.path.join(workdir, 'sample_predictions.png'))
   final.update(step=done, num_train_steps=run.total_steps, epochs=done / run.steps_per_epoch,
                train_seconds=loop_state['train_seconds'], dataset=config.dataset,
                model=config.model, eval_split=config.eval_split,
@@ -388,6 +425,40 @@ def _after_validation(run: Run, state, loop_state, scalars, step):
           f'{loop_state["best_step"]}).', flush=True)
     loop_state['stopped_early'] = True
   return state
+
+
+def _write_per_class(path: str, confusion, task: str) -> None:
+  """One row per class: support, precision, recall, F1 (and Dice, IoU)."""
+  import csv  # pylint: disable=import-outside-toplevel
+  report = metrics_lib.classification_report(confusion)
+  seg = metrics_lib.segmentation_scores(confusion) if task == 'segmentation' else None
+  fields = ['class', 'support', 'precision', 'recall', 'f1'] + (['dice', 'iou'] if seg else [])
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    out = csv.writer(f, lineterminator='\n')
+    out.writerow(fields)
+    for c, support in enumerate(report['support']):
+      row = [c, support] + [f'{report[k][c]:.6g}' for k in ('precision', 'recall', 'f1')]
+      if seg:
+        row += ['' if seg[k][c] is None else f'{seg[k][c]:.6g}' for k in ('dice', 'iou')]
+      out.writerow(row)
+  os.replace(tmp, path)
+
+
+def _sample_predictions(run: Run, state, path: str) -> None:
+  """input | truth | prediction for the first few test examples."""
+  from cnn_jax.analysis import plots  # pylint: disable=import-outside-toplevel
+  n = run.config.num_sample_predictions
+  if not n:
+    return
+  host = run.par.get_state(state)
+  batch = run.eval_loader(run.eval_source)[0]
+  images, labels = batch['image'][:n], batch['label'][:n]
+  logits = jax.jit(functools.partial(run.model.apply, train=False))(
+      {'params': host.params, 'batch_stats': host.batch_stats}, images)
+  logits = np.asarray(logits)
+  preds = (logits[..., 0] > 0).astype(np.int32) if logits.shape[-1] == 1 else logits.argmax(-1)
+  plots.plot_segmentation_samples(images, labels, preds, path)
 
 
 def _print_summary(run: Run) -> None:
