@@ -5,8 +5,17 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests build the same step (the loop tests re-create it for every run they
+# resume): a compilation cache shared by the session turns repeats into lookups.
+# It lives in a fresh temporary directory, so nothing carries over between sessions.
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='cnn_jax_xla_cache_'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 @pytest.fixture

@@ -93,8 +93,8 @@ def test_resume_is_bit_identical(data_dir, tmp_path, fast_compile):
   straight = str(tmp_path / 'straight')
   loop.train_and_evaluate(config, straight)
   resumed = str(tmp_path / 'resumed')
-  assert loop.train_and_evaluate(config, resumed, stop_after_steps=3) == {
-      'status': 'stopped', 'step': 3}
+  assert loop.train_and_evaluate(config, resumed, stop_after_steps=4) == {
+      'status': 'stopped', 'step': 4}
   final = loop.train_and_evaluate(config, resumed)
   a, b = _params(straight), _params(resumed)
   assert a.keys() == b.keys()
@@ -108,6 +108,9 @@ def test_resume_is_bit_identical(data_dir, tmp_path, fast_compile):
   rec = lambda w: [{k: v for k, v in r.items() if k != 'time'}
                    for r in writers.read_jsonl(os.path.join(w, 'metrics.jsonl'))]
   assert rec(straight) == rec(resumed)
+  # So are the per-epoch rows (the row at step 6 spans the interruption at step 4).
+  assert (writers.read_csv(os.path.join(straight, 'epochs.csv'))
+          == writers.read_csv(os.path.join(resumed, 'epochs.csv')))
 
 
 def test_damaged_latest_checkpoint_falls_back(data_dir, tmp_path, fast_compile, capsys):
