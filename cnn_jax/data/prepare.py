@@ -7,7 +7,7 @@ Afterwards ``cnn_jax.data.get_source(NAME, split, data_dir=DIR)`` (and
 ``--config.dataset=NAME --config.data_dir=DIR``) reads it with ``tfds.data_source``.
 DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets.
 
-* Embedded datasets (``digits``, ``mnist1d``; see ``embedded.py``) are generated offline
+* Embedded datasets (``digits``, ``mnist1d``, ``plants``; see ``embedded.py``) are generated offline
   in this interpreter; they need nothing beyond requirements.txt.
 * Catalog datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``,
   ``imagenet2012``, ``oxford_iiit_pet``, ... also ``name/config:version``) are built
@@ -508,7 +508,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
       prog='python -m cnn_jax.data.prepare',
       description='Prepare one dataset as array_record files in a tfds data dir.')
-  p.add_argument('--dataset', help='embedded (digits, mnist1d) or tfds catalog name, '
+  p.add_argument('--dataset', help='embedded (digits, mnist1d, plants) or tfds catalog name, '
                  'e.g. mnist, cifar10, imagenet2012, NAME/CONFIG:VERSION')
   p.add_argument('--data_dir', default=None,
                  help='tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)')
