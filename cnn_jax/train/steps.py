@@ -150,9 +150,7 @@ def _correct(logits, labels):
 
 
 def _correct_top5(logits, labels):
-  labels = _label_ids(logits, labels)
-  _, top = jax.lax.top_k(logits, 5)
-  return _per_example(jnp.any(top == labels[..., None], axis=-1).astype(jnp.float32))
+  return _per_example(metrics_lib.topk_correct(logits, _label_ids(logits, labels), 5))
 
 
 def _mask(batch, labels):
