@@ -104,6 +104,71 @@ def get_source(name: str, split: str, data_dir: str | None = None):
 TASKS = ('classification', 'segmentation')
 
 
+class Subset:
+  """A random-access view of some records of a source, labels remapped.
+
+  Built by `select`; behaves as a source (len, integer indexing) for make_loader."""
+
+  def __init__(self, source, indices, label_map=None):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self._label_map = label_map
+    self.dataset_info = getattr(source, 'dataset_info', None)
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    record = self._source[int(self._indices[i])]
+    if self._label_map is not None:
+      record = dict(record)
+      record['label'] = np.int64(self._label_map[int(np.asarray(record['label']))])
+    return record
+
+  def __repr__(self):
+    return f'Subset({len(self)} of {len(self._source)} records)'
+
+
+def _labels(source) -> np.ndarray:
+  """Every record's integer label, read once (decodes each record)."""
+  out = np.empty(len(source), np.int64)
+  for i in range(len(source)):
+    label = np.asarray(source[i]['label'])
+    if label.ndim:
+      raise ValueError('selecting classes needs one integer label per record; this '
+                       f'dataset has labels of shape {label.shape}.')
+    out[i] = int(label)
+  return out
+
+
+def select(source, classes=None, per_class: int | None = None, seed: int = 0):
+  """The records of `source` whose label is in `classes`, relabelled 0..k-1 in that
+  order, and with `per_class`, only that many of each class (a seeded random pick,
+  kept in source order).
+
+  Raises ValueError when a class has no examples or fewer than per_class. Returns
+  `source` itself when there is nothing to select."""
+  if classes is None and per_class is None:
+    return source
+  labels = _labels(source)
+  wanted = list(classes) if classes is not None else sorted(set(labels.tolist()))
+  label_map = {c: i for i, c in enumerate(wanted)} if classes is not None else None
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in wanted:
+    idx = np.flatnonzero(labels == c)
+    if idx.size == 0:
+      raise ValueError(f'class {c} has no examples in this split (labels present: '
+                       f'{sorted(set(labels.tolist()))}); fix config.classes.')
+    if per_class is not None:
+      if idx.size < per_class:
+        raise ValueError(f'class {c} has {idx.size} examples in this split, fewer than '
+                         f'train_examples_per_class={per_class}.')
+      idx = np.sort(rng.choice(idx, per_class, replace=False))
+    keep.append(idx)
+  return Subset(source, np.sort(np.concatenate(keep)), label_map)
+
+
 def _as_mask(mask) -> np.ndarray:
   """A mask (H, W) or (H, W, 1) -> int32 (H, W)."""
   mask = np.asarray(mask)

@@ -37,6 +37,10 @@ BEST_MODES = ('max', 'min')
 MUTABLE_KEYS = ('allow_config_change', 'num_epochs', 'num_train_steps', 'log_every_steps',
                 'progress_bar', 'write_plots', 'print_summary', 'data_dir',
                 'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_steps')
+TRANSFER_MODES = ('finetune', 'features')
+FROZEN_BN = ('eval', 'keep', 'update')
+HEAD_MODES = ('replace', 'keep')
+INIT_CHECKPOINTS = ('latest', 'best')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_split = 'test'            # evaluated once at the end -> final_metrics.json
   c.train_transform = ''           # augmentation spec, see cnn_jax.data.augment
   c.eval_transform = ''
+  c.classes = ''                   # e.g. '5,6,7,8,9': keep these classes, relabelled 0..k-1
+  c.train_examples_per_class = placeholder(int)  # few-shot: n per class of train_split
   # --- schedule of the run
   c.batch_size = 128               # global batch, split over devices and processes
   c.eval_batch_size = placeholder(int)  # None: batch_size
@@ -72,6 +78,26 @@ def default_config() -> ml_collections.ConfigDict:
       label_smoothing=0.0,
       aux_weight=0.3,              # weight of GoogLeNet's auxiliary losses
       class_weights=()))           # per-class loss weights; () for none
+  # --- transfer learning (see cnn_jax.transfer): start from trained weights
+  c.transfer = ml_collections.ConfigDict(dict(
+      init_from='',                # '': train from scratch; a workdir of this project,
+                                   # or a torchvision weights file (.pth/.npz/.safetensors)
+      init_checkpoint='latest',    # workdir: 'latest' or 'best' checkpoint
+      init_model='',               # the model the weights are for ('': config.model)
+      head='replace',              # 'replace': fresh output layer; 'keep': reuse it
+      mode='finetune',             # 'finetune' or 'features' (train a classifier on
+                                   # cached features of the frozen backbone)
+      freeze='',                   # comma list of stage names ('stem,stage1'), 'backbone',
+                                   # or regexes over parameter paths
+      frozen_bn='eval',            # frozen BN layers: 'eval' (running statistics),
+                                   # 'keep' (batch statistics, running ones not updated),
+                                   # 'update' (as unfrozen ones)
+      unfreeze_every_epochs=0.0,   # > 0: unfreeze the frozen stages top-down, one per N epochs
+      stage_lr_decay=1.0,          # lr x decay^k for the stage k stages below the head
+      lr_multipliers='',           # 'stem=0.01,stage4=0.5': per stage or regex
+      feature_layer='pre_logits',  # 'features' mode: the intermediate that is cached
+      head_hidden=0,               # 'features' mode: hidden units of an MLP head (0: linear)
+  ))
   # --- parallelism
   c.parallelism = 'jit'            # 'jit': Mesh + NamedSharding; 'pmap': jax.pmap
   c.num_devices = placeholder(int)  # None: all devices
@@ -194,6 +220,8 @@ def validate(config) -> ml_collections.ConfigDict:
       augment.make_transform(config[key])
     except ValueError as e:
       raise ValueError(f'config key {key!r}: {e}') from None
+  _validate_data_selection(config)
+  _validate_transfer(config)
   if config.distributed and config.coordinator_address is not None and (
       config.num_processes is None or config.process_id is None):
     raise ValueError("with 'coordinator_address' set, also set 'num_processes' and "
@@ -201,20 +229,107 @@ def validate(config) -> ml_collections.ConfigDict:
   return config
 
 
+def parse_classes(spec: str):
+  """'5,6,7' or '5-9' (or a mix) -> [5, 6, 7]; '' -> None. Raises ValueError."""
+  spec = (spec or '').strip()
+  if not spec:
+    return None
+  out = []
+  for part in spec.split(','):
+    part = part.strip()
+    lo, sep, hi = part.partition('-')
+    try:
+      ids = list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+    except ValueError:
+      raise ValueError(f"config key 'classes' is {spec!r}; write class ids as '5,6,7' or "
+                       "'5-9'.") from None
+    out += ids
+  if len(set(out)) != len(out) or min(out) < 0:
+    raise ValueError(f"config key 'classes' is {spec!r}: class ids must be distinct and "
+                     '>= 0.')
+  return out
+
+
+def _validate_data_selection(config) -> None:
+  parse_classes(config.classes)
+  n = config.train_examples_per_class
+  if n is not None and n <= 0:
+    raise ValueError(f"config key 'train_examples_per_class' must be positive, got {n}.")
+  if n is not None and config.task != 'classification':
+    raise ValueError("'train_examples_per_class' needs task='classification' (one label "
+                     'per example).')
+  if config.classes and config.task != 'classification':
+    raise ValueError("'classes' selects examples by their label: it needs "
+                     "task='classification'.")
+
+
+def _validate_transfer(config) -> None:
+  t = config.transfer
+  _check_choice('transfer.mode', t.mode, TRANSFER_MODES)
+  _check_choice('transfer.frozen_bn', t.frozen_bn, FROZEN_BN)
+  _check_choice('transfer.head', t.head, HEAD_MODES)
+  _check_choice('transfer.init_checkpoint', t.init_checkpoint, INIT_CHECKPOINTS)
+  if t.unfreeze_every_epochs < 0:
+    raise ValueError("config key 'transfer.unfreeze_every_epochs' must be >= 0, got "
+                     f'{t.unfreeze_every_epochs}.')
+  if t.unfreeze_every_epochs and not t.freeze:
+    raise ValueError("'transfer.unfreeze_every_epochs' unfreezes the stages listed in "
+                     "'transfer.freeze', which is empty; set e.g. "
+                     "transfer.freeze='backbone'.")
+  if t.stage_lr_decay <= 0:
+    raise ValueError("config key 'transfer.stage_lr_decay' must be positive (1.0: the "
+                     f'same lr everywhere), got {t.stage_lr_decay}.')
+  if t.head_hidden < 0:
+    raise ValueError(f"config key 'transfer.head_hidden' must be >= 0, got {t.head_hidden}.")
+  if t.mode == 'features':
+    if not t.init_from:
+      raise ValueError("transfer.mode='features' extracts features with a pretrained "
+                       "backbone: set 'transfer.init_from' (a workdir or a weights file).")
+    if config.train_transform:
+      raise ValueError("transfer.mode='features' computes each example's features once, so "
+                       "random augmentation cannot apply: set train_transform='' or use "
+                       "transfer.mode='finetune'.")
+    if config.task != 'classification':
+      raise ValueError("transfer.mode='features' trains a classifier: it needs "
+                       "task='classification'.")
+    if t.freeze or t.unfreeze_every_epochs or t.lr_multipliers or t.stage_lr_decay != 1.0:
+      raise ValueError("transfer.mode='features' trains only the new classifier; freeze, "
+                       "unfreeze_every_epochs, stage_lr_decay and lr_multipliers apply to "
+                       "transfer.mode='finetune'.")
+  if t.init_from and not t.init_from.startswith(('gs://', 's3://')):
+    import os  # pylint: disable=import-outside-toplevel
+    if not os.path.exists(os.path.expanduser(t.init_from)):
+      raise ValueError(f"config key 'transfer.init_from' is {t.init_from!r}, which does not "
+                       'exist: give a workdir of a finished run or a weights file.')
+
+
 def to_json(config) -> str:
   return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=str)
 
 
-def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix=''):
-  """Dotted keys whose values differ between two nested dicts (MUTABLE_KEYS aside)."""
+def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix='',
+                   defaults: Mapping[str, Any] | None = None):
+  """Dotted keys whose values differ between two nested dicts (MUTABLE_KEYS aside).
+
+  A key missing from `saved` whose current value is its default does not count:
+  a workdir written before that key existed holds a run that had the default.
+  """
+  if defaults is None and not prefix:
+    defaults = default_config().to_dict()
+  defaults = defaults or {}
   out = []
   for key in sorted(set(saved) | set(current)):
     name = prefix + key
     if name in MUTABLE_KEYS:
       continue
     a, b = saved.get(key, '<missing>'), current.get(key, '<missing>')
+    d = defaults.get(key, '<missing>') if isinstance(defaults, Mapping) else '<missing>'
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += differing_keys(a, b, name + '.')
+      out += differing_keys(a, b, name + '.', d if isinstance(d, Mapping) else {})
+    elif key not in saved and isinstance(b, Mapping) and isinstance(d, Mapping):
+      out += differing_keys({}, b, name + '.', d)
+    elif key not in saved and _normal(b) == _normal(d):
+      continue
     elif _normal(a) != _normal(b):
       out.append(name)
   return out

@@ -70,7 +70,16 @@ class _Preemption:
 
 
 class Run:
-  """Everything a run builds from its config before training (no compute yet)."""
+  """Everything a run builds from its config before training (no compute yet).
+
+  With config.transfer set (see cnn_jax.transfer): `initial_state` starts from the
+  pretrained variables with a fresh head; `plan` (a TransferPlan) decides frozen
+  parameters, per-stage learning rates and unfreezing phases, and `tx_for_phase` /
+  `train_step_fn(phase)` give the optimizer and step of each phase. In
+  transfer.mode='features', `model` is the new classifier (a FeatureHead),
+  `backbone` the pretrained network, and `prepare_features()` replaces the data
+  sources by cached features.
+  """
 
   def __init__(self, config, workdir: str):
     config = config_lib.validate(config)
@@ -86,12 +95,18 @@ class Run:
     self.par.check_batch_size(self.eval_batch_size, 'eval_batch_size')
 
     data_dir = config.data_dir
-    self.train_source = data_lib.get_source(config.dataset, config.train_split, data_dir)
-    self.val_source = (data_lib.get_source(config.dataset, config.val_split, data_dir)
+    classes = config_lib.parse_classes(config.classes)
+    self.train_source = data_lib.select(
+        data_lib.get_source(config.dataset, config.train_split, data_dir), classes,
+        config.train_examples_per_class, seed=config.seed)
+    self.val_source = (data_lib.select(
+        data_lib.get_source(config.dataset, config.val_split, data_dir), classes)
                        if config.val_split else None)
-    self.eval_source = data_lib.get_source(config.dataset, config.eval_split, data_dir)
-    self.num_classes = config.num_classes or data_lib.num_classes(self.train_source,
-                                                                  config.dataset)
+    self.eval_source = data_lib.select(
+        data_lib.get_source(config.dataset, config.eval_split, data_dir), classes)
+    self.num_classes = config.num_classes or (len(classes) if classes else
+                                              data_lib.num_classes(self.train_source,
+                                                                   config.dataset))
     self.train_transform = augment.make_transform(config.train_transform)
     self.eval_transform = augment.make_transform(config.eval_transform)
     example = self.eval_transform(data_lib.to_example(self.eval_source[0], task=config.task),
@@ -114,18 +129,145 @@ class Run:
       kwargs['axis_name'] = self.par.axis_name
     self.model = models.get_model(config.model, num_classes=self.num_classes, **kwargs)
 
-    opt = config.optimizer.to_dict()
-    if opt.get('decay_steps') is None and opt['schedule'] in ('cosine', 'warmup_cosine'):
-      opt['decay_steps'] = self.total_steps   # the schedule spans the whole run
-    self.tx, self.lr_schedule = optim.make_optimizer(opt)
+    self._opt = config.optimizer.to_dict()
+    if self._opt.get('decay_steps') is None and self._opt['schedule'] in ('cosine',
+                                                                          'warmup_cosine'):
+      self._opt['decay_steps'] = self.total_steps   # the schedule spans the whole run
+    self.plan = None
+    self.backbone = None
+    self._features_ready = False
+    t = config.transfer
+    if t.mode == 'features':
+      self._setup_features()
+    elif t.freeze or t.lr_multipliers or t.stage_lr_decay != 1.0:
+      from cnn_jax import transfer  # pylint: disable=import-outside-toplevel
+      abstract = transfer.stages.abstract_variables(self.model, self.input_shape)
+      self.plan = transfer.make_plan(
+          self.model, abstract['params'], self.input_shape, freeze=t.freeze,
+          frozen_bn=t.frozen_bn, stage_lr_decay=t.stage_lr_decay,
+          lr_multipliers=t.lr_multipliers,
+          unfreeze_every_steps=int(round(t.unfreeze_every_epochs * self.steps_per_epoch)))
+      self._abstract_variables = abstract
+    self._tx_cache = {}
+    self.tx, self.lr_schedule = self.tx_for_phase(0), optim.make_schedule(self._opt)
     self.rng = jax.random.PRNGKey(config.seed)
 
+  # --- transfer learning
+  def _setup_features(self):
+    """transfer.mode='features': the model to train is a FeatureHead on the
+    backbone's cached features (computed by prepare_features)."""
+    from cnn_jax import transfer  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:
+      raise ValueError("transfer.mode='features' runs in one process; use "
+                       "transfer.mode='finetune' with a frozen backbone on several hosts.")
+    t = self.config.transfer
+    self.backbone = self.model
+    head_name = transfer.features.head_module_name(self.backbone, self.input_shape)
+    abstract = transfer.stages.abstract_variables(self.backbone, self.input_shape)
+
+    def features_of(x):
+      _, state = self.backbone.apply(abstract, x, train=False, mutable=['intermediates'])
+      return state['intermediates'].get(t.feature_layer)
+    out = jax.eval_shape(features_of, jax.ShapeDtypeStruct((1,) + self.input_shape,
+                                                           jax.numpy.float32))
+    if out is None:
+      raise ValueError(f'{self.config.model} sows no intermediate '
+                       f'{t.feature_layer!r}; set transfer.feature_layer to one it sows '
+                       "(e.g. 'pre_logits', 'stage3').")
+    out = out[0] if isinstance(out, tuple) else out
+    self.backbone_input_shape = self.input_shape
+    self.input_shape = (int(np.prod(out.shape[1:])),)
+    self.model = transfer.FeatureHead(self.num_classes, hidden=t.head_hidden,
+                                      head_name=head_name)
+
+  def prepare_features(self) -> None:
+    """Computes (or reads from workdir/features/) the backbone's features of every
+    split and makes them the run's data sources."""
+    if self.backbone is None or self._features_ready:
+      return
+    from cnn_jax import transfer  # pylint: disable=import-outside-toplevel
+    c, t = self.config, self.config.transfer
+    variables, info = self._pretrained(self.backbone)
+    roles = [('train', self.train_source, c.train_split), ('eval', self.eval_source,
+                                                            c.eval_split)]
+    if self.val_source is not None:
+      roles.append(('val', self.val_source, c.val_split))
+    for role, source, split in roles:
+      key = transfer.features.fingerprint(
+          source=info, model=c.model, model_kwargs=c.model_kwargs.to_dict(),
+          layer=t.feature_layer, dataset=c.dataset, split=split, classes=c.classes,
+          per_class=c.train_examples_per_class if role == 'train' else None,
+          seed=c.seed if role == 'train' else None, transform=c.eval_transform)
+      path = os.path.join(self.workdir, 'features', f'{role}.npz')
+      t0 = time.time()
+
+      def compute(source=source):
+        loader = data_lib.make_loader(
+            source, batch_size=self.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
+            drop_remainder=False, random_transform=self.eval_transform, task=c.task)
+        return transfer.extract(self.backbone, variables, loader, layer=t.feature_layer)
+      feats = transfer.features.cached(path, key, compute)
+      if self.is_chief:
+        print(f'Features of {split} ({role}): {feats.features.shape} in '
+              f'{time.time() - t0:.1f} s -> {path}', flush=True)
+      setattr(self, {'train': 'train_source', 'val': 'val_source',
+                     'eval': 'eval_source'}[role], feats)
+    self.train_transform = augment.make_transform('')
+    self.eval_transform = augment.make_transform('')
+    self._features_ready = True
+
+  def _pretrained(self, model, fresh=None):
+    """Pretrained variables fitted to `model` (the head from `fresh`, or a new
+    init), as numpy, and their origin."""
+    from cnn_jax import transfer  # pylint: disable=import-outside-toplevel
+    t = self.config.transfer
+    shape = self.backbone_input_shape if model is self.backbone else self.input_shape
+    pretrained, info = transfer.load_pretrained(
+        t.init_from, model_name=t.init_model or self.config.model, which=t.init_checkpoint)
+    if fresh is None:
+      fresh = jax.device_get(jax.jit(lambda r: model.init(
+          {'params': r, 'dropout': r}, jax.numpy.zeros((1,) + shape), train=False))(
+              jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)))
+      fresh = {k: v for k, v in fresh.items() if k in ('params', 'batch_stats')}
+    heads = transfer.head_paths(model, shape)
+    variables, counts = transfer.adapt_variables(pretrained, fresh, heads,
+                                                 replace_head=t.head == 'replace')
+    if self.is_chief:
+      origin = info.get('workdir') or info.get('path')
+      where = f' step {info["step"]}' if 'step' in info else ''
+      print(f'Initialised from {origin}{where}: {counts["loaded"]} tensors loaded, '
+            f'{counts["fresh"]} fresh (head).', flush=True)
+    return variables, info
+
+  def tx_for_phase(self, phase: int):
+    """The optimizer of an unfreezing phase (the same one for every phase without a
+    plan). Every phase's optimizer state has the same layout."""
+    if phase not in self._tx_cache:
+      split = None
+      if self.plan is not None and not self.plan.is_trivial():
+        split = functools.partial(self.plan.optimizer, phase=phase)
+      self._tx_cache[phase] = optim.make_optimizer(self._opt, split=split)[0]
+    return self._tx_cache[phase]
+
+  def phase(self, step: int) -> int:
+    return 0 if self.plan is None else self.plan.phase(step)
+
+  # --- state, data and steps
   def abstract_state(self):
     return state_lib.abstract_train_state(self.model, self.tx, self.input_shape, self.rng)
 
   def initial_state(self):
-    return jax.device_get(state_lib.create_train_state(self.model, self.tx,
-                                                       self.input_shape, self.rng))
+    state = jax.device_get(state_lib.create_train_state(self.model, self.tx,
+                                                        self.input_shape, self.rng))
+    if self.config.transfer.init_from and self.backbone is None:
+      fresh = {'params': state.params}
+      if state.batch_stats:
+        fresh['batch_stats'] = state.batch_stats
+      variables, _ = self._pretrained(self.model, fresh)
+      params = variables['params']
+      state = state.replace(params=params, batch_stats=variables.get('batch_stats', {}),
+                            opt_state=jax.device_get(jax.jit(self.tx.init)(params)))
+    return state
 
   def train_loader(self):
     return data_lib.make_loader(
@@ -140,12 +282,23 @@ class Run:
         process_index=jax.process_index(), process_count=jax.process_count(),
         task=self.config.task)
 
-  def train_step_fn(self):
+  def train_step_fn(self, phase: int = 0):
     c = self.config.loss
+    extra = {}
+    if self.plan is not None:
+      from cnn_jax import transfer  # pylint: disable=import-outside-toplevel
+      params = self._abstract_variables['params']
+      stats = self._abstract_variables.get('batch_stats', {})
+      if any(not self.plan.trainable(p, phase) for p in self.plan.stage):
+        extra['grad_mask'] = self.plan.grad_mask(params, phase)
+        extra['stats_mask'] = self.plan.stats_mask(stats, phase)
+        if self.plan.frozen_bn == 'eval':
+          extra['apply_fn'] = transfer.eval_mode_bn_apply(
+              self.model.apply, self.plan.frozen_bn_modules(phase))
     fn = functools.partial(steps.train_step, label_smoothing=float(c.label_smoothing),
                            aux_weight=float(c.aux_weight), lr_schedule=self.lr_schedule,
                            axis_name=self.par.axis_name, loss_name=c.name,
-                           class_weights=tuple(c.class_weights))
+                           class_weights=tuple(c.class_weights), **extra)
     return self.par.wrap(fn, donate_state=True)
 
   def eval_step_fn(self):
@@ -244,6 +397,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
   if run.is_chief:
     os.makedirs(workdir, exist_ok=True)
     ckpt_lib.check_workdir_config(workdir, config)
+  run.prepare_features()
   final_path = os.path.join(workdir, 'final_metrics.json')
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -269,8 +423,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
   if run.is_chief and config.print_summary:
     _print_summary(run)
 
-  state = run.par.put_state(host_state)
-  train_step = run.train_step_fn()
+  phase = run.phase(start)
+  state = run.par.put_state(host_state.replace(tx=run.tx_for_phase(phase)))
+  train_step = run.train_step_fn(phase)
   eval_step = run.eval_step_fn()
   end = start if loop_state['stopped_early'] else run.total_steps
   if stop_after_steps is not None:
@@ -302,6 +457,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
         data_lib.read_options()))
     for step in range(start, end):
       batch = next(it)
+      if run.phase(step) != phase:   # gradual unfreezing: the next stage trains
+        phase = run.phase(step)
+        state = state.replace(tx=run.tx_for_phase(phase))
+        train_step = run.train_step_fn(phase)
+        if run.is_chief:
+          now = sorted({s for p, s in run.plan.stage.items()
+                        if run.plan.unfreeze_phase[p] == phase})
+          print(f'\nStep {step}: unfreezing {", ".join(now)}.', flush=True)
       state, metrics = train_step(state, run.par.put_batch(batch))
       pending.append((step + 1, metrics))
       done = step + 1
@@ -470,6 +633,10 @@ def _print_summary(run: Run) -> None:
           f'{run.config.batch_size} ({run.steps_per_epoch} steps/epoch) on '
           f'{run.par.num_devices} device(s), parallelism={run.config.parallelism}')
     tables.summary(run.model, run.input_shape, print_table=True)
+    if run.plan is not None:
+      print('Transfer plan (transfer.freeze / stage_lr_decay / lr_multipliers / '
+            'unfreeze_every_epochs):')
+      print(run.plan.describe())
   with open(os.path.join(run.workdir, 'summary.txt'), 'w') as f:
     f.write(''.join(buf))
 
@@ -505,6 +672,7 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   if not os.path.exists(os.path.join(workdir, 'checkpoints')):
     raise ValueError(f'no checkpoints in {workdir!r}; train first with --mode=train.')
   ckpt_lib.check_workdir_config(workdir, run.config, write=False)
+  run.prepare_features()
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   restored = ckpt.restore_latest(_host_target(run.abstract_state()))
   ckpt.close()

@@ -29,7 +29,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import optax
@@ -86,11 +86,17 @@ def make_schedule(config: Any) -> Callable[[Any], Any]:
                                             int(c['decay_steps']))
 
 
-def make_optimizer(config: Any) -> Tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(config: Any, *, split: Optional[Callable] = None
+                   ) -> Tuple[optax.GradientTransformation, Callable]:
   """Builds the optax chain an optimizer config describes.
 
   Args:
     config: ConfigDict or dict with the keys in this module's docstring.
+    split: optional; called as split(make_core) where make_core() returns a fresh
+      core transformation (weight decay, update rule, schedule); what it returns
+      replaces the core in the chain. Clipping (first) and the plateau scale
+      (last) stay global. cnn_jax.transfer uses it for per-group transforms
+      (optax.multi_transform: frozen parameters, per-stage learning rates).
   Returns:
     (tx, schedule): the GradientTransformation and the step -> lr function (for
     logging; tx already uses it).
@@ -105,23 +111,36 @@ def make_optimizer(config: Any) -> Tuple[optax.GradientTransformation, Callable]
                      f'{list(OPTIMIZERS)}.')
   schedule = make_schedule(c)
   wd = float(c['weight_decay'] or 0.0)
+
+  def core_parts():
+    parts = []
+    if wd and name != 'adamw':
+      parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+    if name == 'sgd':
+      parts.append(optax.sgd(schedule))
+    elif name in ('momentum', 'nesterov'):
+      m = 0.9 if c['momentum'] is None else float(c['momentum'])
+      parts.append(optax.sgd(schedule, momentum=m, nesterov=name == 'nesterov'))
+    elif name == 'adam':
+      parts.append(optax.adam(schedule))
+    elif name == 'adamw':
+      parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+    else:
+      m = 0.0 if c['momentum'] is None else float(c['momentum'])
+      parts.append(optax.rmsprop(schedule, momentum=m))
+    return parts
+
+  def make_core():
+    core = core_parts()
+    return core[0] if len(core) == 1 else optax.chain(*core)
+
   parts = []
   if c['grad_clip_norm'] is not None:
     parts.append(optax.clip_by_global_norm(float(c['grad_clip_norm'])))
-  if wd and name != 'adamw':
-    parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
-  if name == 'sgd':
-    parts.append(optax.sgd(schedule))
-  elif name in ('momentum', 'nesterov'):
-    m = 0.9 if c['momentum'] is None else float(c['momentum'])
-    parts.append(optax.sgd(schedule, momentum=m, nesterov=name == 'nesterov'))
-  elif name == 'adam':
-    parts.append(optax.adam(schedule))
-  elif name == 'adamw':
-    parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+  if split is None:
+    parts.extend(core_parts())   # flat: the state layout checkpoints were written with
   else:
-    m = 0.0 if c['momentum'] is None else float(c['momentum'])
-    parts.append(optax.rmsprop(schedule, momentum=m))
+    parts.append(split(make_core))
   if c['schedule'] == 'plateau':
     parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
   return optax.chain(*parts), schedule

@@ -163,16 +163,18 @@ def _masked_mean(x, mask):
 
 
 def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
-                 aux_weight=0.3, loss_name='cross_entropy', class_weights=()):
+                 aux_weight=0.3, loss_name='cross_entropy', class_weights=(),
+                 apply_fn: Optional[Callable] = None):
   """Train-mode forward pass and loss.
 
   loss = L(logits) + aux_weight * sum_i L(aux{i}_logits), L = LOSS_FNS[loss_name],
   for the GoogLeNet aux logits sown in 'intermediates' (absent for other models).
   Masked examples count for nothing. Returns (loss, (logits, parts,
   new_batch_stats)) where parts has 'ce_loss' (the main term, whatever loss_name)
-  and 'aux_loss' (the unweighted sum of aux terms).
+  and 'aux_loss' (the unweighted sum of aux terms). apply_fn replaces
+  state.apply_fn when given (transfer learning: frozen BN layers in eval mode).
   """
-  logits, mutated = state.apply_fn(
+  logits, mutated = (apply_fn or state.apply_fn)(
       {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
       rngs={'dropout': rng}, mutable=['batch_stats', 'intermediates'])
   labels = batch['label']
@@ -193,7 +195,8 @@ def compute_loss(params, state: TrainState, batch, rng, *, label_smoothing=0.0,
 def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
                aux_weight: float = 0.3, lr_schedule: Optional[Callable] = None,
                axis_name: Optional[str] = None, loss_name: str = 'cross_entropy',
-               class_weights=()):
+               class_weights=(), grad_mask=None, stats_mask=None,
+               apply_fn: Optional[Callable] = None):
   """One optimizer step. Pure: (state, batch) -> (new_state, metrics).
 
   Args:
@@ -211,6 +214,11 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
       (see the comment in the body). Under pmap each device's loss is its own
       masked mean, so with a 'mask' that pads devices unevenly the pmean weights
       devices, not examples; jit over a sharded batch has no such caveat.
+    grad_mask: a tree of Python bools shaped like params (transfer learning):
+      False leaves get zero gradients, so XLA drops their backward computations.
+    stats_mask: a tree of Python bools shaped like batch_stats: True leaves keep
+      their old values (frozen BatchNorm layers).
+    apply_fn: replaces state.apply_fn in the train-mode forward pass.
   Returns:
     (new_state, metrics) with scalar 'loss' (total), 'ce_loss', 'aux_loss',
     'accuracy', 'top5_accuracy' (>= 5 classes), 'grad_norm' (before clipping)
@@ -222,7 +230,11 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, (logits, parts, new_stats)), grads = grad_fn(
       state.params, state, batch, rng, label_smoothing=label_smoothing,
-      aux_weight=aux_weight, loss_name=loss_name, class_weights=tuple(class_weights))
+      aux_weight=aux_weight, loss_name=loss_name, class_weights=tuple(class_weights),
+      apply_fn=apply_fn)
+  if grad_mask is not None:
+    grads = jax.tree_util.tree_map(lambda g, m: g if m else jnp.zeros_like(g), grads,
+                                   grad_mask)
   labels = batch['label']
   mask = _mask(batch, labels)
   metrics = {'loss': loss, **parts, 'accuracy': _masked_mean(_correct(logits, labels), mask)}
@@ -232,6 +244,9 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
     grads = jax.lax.pmean(grads, axis_name)
     new_stats = jax.lax.pmean(new_stats, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
+  if stats_mask is not None:
+    new_stats = jax.tree_util.tree_map(lambda n, o, m: o if m else n, new_stats,
+                                       state.batch_stats, stats_mask)
   metrics['grad_norm'] = optax.global_norm(grads)
   if lr_schedule is not None:
     metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)
