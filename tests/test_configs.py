@@ -34,7 +34,14 @@ def test_config_is_valid_and_documented(path):
   module = load(path)
   doc = module.__doc__ or ''
   assert 'python launch.py --config=configs/' in doc and 'Expected' in doc, path
-  config = config_lib.validate(module.get_config())
+  config = module.get_config()
+  init_from = config.transfer.init_from
+  if init_from and not os.path.exists(os.path.join(REPO, init_from)):
+    # Pretrained weights the user downloads: missing, the config is refused up front.
+    with pytest.raises(ValueError, match='does not exist'):
+      config_lib.validate(config)
+    config.transfer.init_from = REPO     # any existing path, to check everything else
+  config = config_lib.validate(config)
   for key in REQUIRED:
     assert config[key] not in (None, ''), key
   assert (config.num_epochs is None) != (config.num_train_steps is None)

@@ -414,3 +414,28 @@ def test_features_mode_caches_and_matches_the_full_model(pretrained_dir, tmp_pat
                                 run.eval_source.features[:6])
   np.testing.assert_allclose(np.asarray(logits_full), np.asarray(logits_head), rtol=1e-5,
                              atol=1e-5)
+
+
+def test_gradual_unfreezing_resumes_bit_identically(pretrained_dir, tmp_path):
+  # 20 examples, batch 8: 2 steps per epoch; a stage unfreezes every epoch.
+  kw = dict(classes='5-9', train_examples_per_class=4, num_train_steps=5,
+            transfer_init_from=pretrained_dir, transfer_freeze='backbone',
+            transfer_unfreeze_every_epochs=1.0, transfer_frozen_bn='eval')
+  straight = str(tmp_path / 'straight')
+  loop.train_and_evaluate(_digits_config(**kw), straight)
+  resumed = str(tmp_path / 'resumed')
+  out = loop.train_and_evaluate(_digits_config(**kw), resumed, stop_after_steps=3)
+  assert out == {'status': 'stopped', 'step': 3}
+  loop.train_and_evaluate(_digits_config(**kw), resumed)
+  a, _ = transfer.restore_workdir_variables(straight)
+  b, _ = transfer.restore_workdir_variables(resumed)
+  src, _ = transfer.restore_workdir_variables(pretrained_dir)
+  fa, fb, fs = _flat(a), _flat(b), _flat(src)
+  for path in fa:
+    np.testing.assert_array_equal(fa[path], fb[path], err_msg=str(path))
+  # After 5 steps (phases: head 0-1, +stage2 2-3, +stage1 4) the stem is still frozen
+  # and stage1 has moved.
+  assert np.array_equal(fa[('params', 'conv_init', 'kernel')],
+                        fs[('params', 'conv_init', 'kernel')])
+  assert not np.array_equal(fa[('params', 'stage1_block1', 'conv1', 'kernel')],
+                            fs[('params', 'stage1_block1', 'conv1', 'kernel')])
