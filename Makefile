@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -rs
 WORKDIR ?= runs/lenet5_digits
 
 .PHONY: setup train demo test bench clean data

@@ -17,8 +17,8 @@ to inject extra gradient into the lower layers during training.
   * `googlenet_bn`: torchvision's layout, so its weights import one to one:
     every conv is conv (no bias) + BN (eps 1e-3) + ReLU, no LRN, the "5x5"
     branch uses a 3x3 kernel, the pool after 4e is 2x2, dropout 0.2. Its aux
-    heads pool 5x5/3 as in the paper (torchvision pools adaptively to 4x4; the
-    windows differ slightly, the parameters do not).
+    heads pool adaptively to 4x4 as torchvision's do (the paper: 5x5/3, which
+    gives 4x4 maps at 224x224 from slightly different windows).
 
 In train mode with aux heads on, the aux logits are sown as
 'intermediates'/'aux1_logits' and 'aux2_logits' (the paper adds them to the
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from cnn_jax import nn as cnn
 from cnn_jax.models import registry
+from cnn_jax.models.alexnet import adaptive_avg_pool
 from cnn_jax.models.common import batch_norm
 
 ModuleDef = Any
@@ -163,8 +164,12 @@ class Inception(nn.Module):
 
 class AuxHead(nn.Module):
   """Auxiliary classifier: 5x5/3 avg pool, 1x1 conv 128 + ReLU, FC 1024 + ReLU,
-  dropout 0.7, FC num_classes (4x4x512 -> 2048 inputs to FC 1024 at 224x224)."""
+  dropout 0.7, FC num_classes (4x4x512 -> 2048 inputs to FC 1024 at 224x224).
+
+  pool_size=(h, w) pools adaptively to that size instead (torchvision's aux heads:
+  4x4 whatever the input size; the same 4x4 maps at 224x224 from other windows)."""
   num_classes: int
+  pool_size: Optional[Tuple[int, int]] = None
   conv: ModuleDef = cnn.Conv
   norm: Optional[ModuleDef] = None
   features: Tuple[int, int] = (128, 1024)
@@ -174,7 +179,10 @@ class AuxHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = cnn.AvgPool(5, strides=3, padding='VALID')(x)
+    if self.pool_size:
+      x = adaptive_avg_pool(x, self.pool_size)
+    else:
+      x = cnn.AvgPool(5, strides=3, padding='VALID')(x)
     x = ConvUnit(self.features[0], 1, conv=self.conv, norm=self.norm, dtype=self.dtype,
                  name='conv')(x)
     x = x.reshape((x.shape[0], -1))
@@ -195,6 +203,8 @@ class GoogLeNet(nn.Module):
     aux_logits: build the auxiliary heads (used in train mode only).
     aux_after: the modules whose outputs feed aux1, aux2, ...
     aux_features: (aux 1x1 conv filters, aux FC units).
+    aux_pool_size: None: the paper's 5x5/3 average pool in the aux heads; (h, w):
+      adaptive average pooling to that size (torchvision: (4, 4)).
     dropout_rate / aux_dropout_rate: before 'fc' / in the aux heads.
     lrn: LRN after pool1 and after conv2 (the paper; Caffe's LRN parameters).
     batch_norm: conv (no bias) + BN (eps 1e-3) in every conv unit (torchvision).
@@ -213,6 +223,7 @@ class GoogLeNet(nn.Module):
   aux_logits: bool = True
   aux_after: Sequence[str] = ('4a', '4d')
   aux_features: Tuple[int, int] = (128, 1024)
+  aux_pool_size: Optional[Tuple[int, int]] = None
   dropout_rate: float = 0.4
   aux_dropout_rate: float = 0.7
   lrn: bool = True
@@ -261,7 +272,8 @@ class GoogLeNet(nn.Module):
                       dtype=self.dtype, name=f'inception{name}')(x)
         if run_aux and name in self.aux_after:
           k = list(self.aux_after).index(name) + 1
-          logits = AuxHead(self.num_classes, conv=self.conv, norm=norm,
+          logits = AuxHead(self.num_classes, pool_size=self.aux_pool_size, conv=self.conv,
+                           norm=norm,
                            features=self.aux_features, dropout_rate=self.aux_dropout_rate,
                            dtype=self.dtype, axis_name=self.axis_name,
                            name=f'aux{k}')(x, train=train)
@@ -276,7 +288,7 @@ class GoogLeNet(nn.Module):
 
 
 GoogLeNetBN = functools.partial(GoogLeNet, batch_norm=True, lrn=False, conv5x5_kernel=3,
-                                last_pool_window=2, dropout_rate=0.2)
+                                last_pool_window=2, dropout_rate=0.2, aux_pool_size=(4, 4))
 
 # Test-only: two small modules, each feeding an aux head, and every other
 # layer kind once, for 96x96 inputs (96 -> 48 -> 24 -> 12 | 3a, aux1 | 6 | 4a, aux2).

@@ -22,9 +22,18 @@ from cnn_jax.transfer.features import FeatureHead, FeatureSource, extract, merge
 from cnn_jax.transfer.freeze import TransferPlan, eval_mode_bn_apply, make_plan
 from cnn_jax.transfer.load import adapt_variables, load_pretrained, restore_workdir_variables
 from cnn_jax.transfer.stages import head_paths, ordered_stages, param_stages
-from cnn_jax.transfer.torchvision import SUPPORTED_MODELS, import_torchvision
+
 
 __all__ = ['FeatureHead', 'FeatureSource', 'SUPPORTED_MODELS', 'TransferPlan',
            'adapt_variables', 'eval_mode_bn_apply', 'extract', 'head_paths',
            'import_torchvision', 'load_pretrained', 'make_plan', 'merge_head',
            'ordered_stages', 'param_stages', 'restore_workdir_variables']
+
+
+def __getattr__(name):
+  # Imported on first use, so that `python -m cnn_jax.transfer.torchvision` (the
+  # converter) does not find its own module already imported by the package.
+  if name in ('import_torchvision', 'SUPPORTED_MODELS'):
+    from cnn_jax.transfer import torchvision  # pylint: disable=import-outside-toplevel
+    return getattr(torchvision, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
