@@ -6,6 +6,9 @@
       --config.optimizer.lr=0.05 --config.batch_size=64
   python launch.py --mode=summary --model=alexnet [--input_shape=227,227,3]
   python launch.py --mode=demo
+  python launch.py --mode=sweep --config=experiments/depth/config.py --workdir=runs/depth \
+      [--sweep_workers=2] [--sweep_index=3]
+  python launch.py --mode=sweep_results --config=... --workdir=runs/depth
 
 Everything it calls is an importable library function.
 """
@@ -21,11 +24,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     'fields with --config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'summary', 'demo'],
+    'mode', 'train', ['train', 'eval', 'summary', 'demo', 'sweep', 'sweep_results'],
     'train: train (or resume) the config in --workdir, then evaluate; '
     'eval: evaluate the latest checkpoint in --workdir; '
     'summary: per-layer table of --model (or the config\'s model); '
-    'demo: the notes\' worked examples and gradient checks on our ops.')
+    'demo: the notes\' worked examples and gradient checks on our ops; '
+    'sweep: run every point of the config file\'s get_sweep() in --workdir/<point> '
+    '(finished points are kept, unfinished ones resume), then write results tables; '
+    'sweep_results: only write the tables from the points finished so far.')
+_SWEEP_WORKERS = flags.DEFINE_integer(
+    'sweep_workers', 1, '--mode=sweep: points run in parallel, each in its own process.')
+_SWEEP_INDEX = flags.DEFINE_integer(
+    'sweep_index', None, '--mode=sweep: run only point i (0-based), e.g. from a SLURM '
+    'array task; collect the results later with --mode=sweep_results.')
 _MODEL = flags.DEFINE_string('model', None, 'Registered model name for --mode=summary.')
 _INPUT_SHAPE = flags.DEFINE_string(
     'input_shape', None, 'One example\'s shape for --mode=summary, e.g. 227,227,3 '
@@ -57,17 +68,43 @@ def main(argv):
     raise app.UsageError(f'--mode={mode} needs --config=configs/NAME.py and --workdir=DIR.')
   from cnn_jax.train import loop
   try:
-    if mode == 'train':
+    if mode in ('sweep', 'sweep_results'):
+      _sweep(mode)
+    elif mode == 'train':
       result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       if result.get('status') == 'stopped':
         sys.exit(0)
     else:
       loop.evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, loop.NonFiniteLossError) as e:
+  except (ValueError, loop.NonFiniteLossError, _sweep_error()) as e:
     # Config, data and checkpoint problems are the user's to fix: one clear line,
     # not a traceback.
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def _sweep_error():
+  from cnn_jax.train import sweep
+  return sweep.SweepError
+
+
+def _sweep(mode):
+  import importlib.util
+  import os
+  from cnn_jax.train import sweep
+  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  spec = importlib.util.spec_from_file_location('sweep_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  points = sweep.load_sweep(module)
+  if mode == 'sweep_results':
+    sweep.aggregate(_WORKDIR.value, sweep.plan(_CONFIG.value, points))
+    return
+  # A child runs one point with this very command line (flags and overrides alike).
+  child = [sys.executable, os.path.abspath(__file__)] + [
+      a for a in sys.argv[1:] if not a.startswith(('--sweep_workers', '--sweep_index'))]
+  sweep.run_sweep(_CONFIG.value, points, _WORKDIR.value, workers=_SWEEP_WORKERS.value,
+                  index=_SWEEP_INDEX.value, child_argv=child)
 
 
 if __name__ == '__main__':

@@ -165,11 +165,11 @@ class Run:
     head_name = transfer.features.head_module_name(self.backbone, self.input_shape)
     abstract = transfer.stages.abstract_variables(self.backbone, self.input_shape)
 
-    def features_of(x):
-      _, state = self.backbone.apply(abstract, x, train=False, mutable=['intermediates'])
+    def features_of(variables, x):
+      _, state = self.backbone.apply(variables, x, train=False, mutable=['intermediates'])
       return state['intermediates'].get(t.feature_layer)
-    out = jax.eval_shape(features_of, jax.ShapeDtypeStruct((1,) + self.input_shape,
-                                                           jax.numpy.float32))
+    out = jax.eval_shape(features_of, abstract,
+                         jax.ShapeDtypeStruct((1,) + self.input_shape, jax.numpy.float32))
     if out is None:
       raise ValueError(f'{self.config.model} sows no intermediate '
                        f'{t.feature_layer!r}; set transfer.feature_layer to one it sows '
@@ -538,6 +538,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     _write_per_class(os.path.join(workdir, 'test_per_class.csv'), confusion, config.task)
     if config.task == 'segmentation' and config.write_plots:
       _sample_predictions(run, state, os.path.join(workdir, 'sample_predictions.png'))
+  from cnn_jax.analysis import tables  # pylint: disable=import-outside-toplevel
+  total = tables.summary(run.model, run.input_shape, print_table=False)[-1]
+  final.update(num_params=int(total['params']), flops_per_example=int(total['flops']),
+               stopped_early=bool(loop_state['stopped_early']))
   final.update(step=done, num_train_steps=run.total_steps, epochs=done / run.steps_per_epoch,
                train_seconds=loop_state['train_seconds'], dataset=config.dataset,
                model=config.model, eval_split=config.eval_split,

@@ -53,14 +53,10 @@ def flat_paths(tree) -> List[Path]:
 
 
 def abstract_variables(model, input_shape: Sequence[int], input_dtype=jnp.float32):
-  """model.init as ShapeDtypeStructs (nothing allocated): {'params': ..., ...}."""
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), input_dtype)
-
-  def init(x):
-    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
-    variables = model.init(rngs, x, train=False)
-    return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
-  return jax.eval_shape(init, x)
+  """model.init as ShapeDtypeStructs (nothing allocated): 'params' and 'batch_stats'."""
+  from cnn_jax.analysis import tables  # pylint: disable=import-outside-toplevel
+  v = tables.abstract_variables(model, input_shape, dtype=input_dtype)
+  return {k: v[k] for k in ('params', 'batch_stats') if k in v}
 
 
 def head_paths(model, input_shape: Sequence[int], input_dtype=jnp.float32) -> List[Path]:
