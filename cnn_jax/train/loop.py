@@ -397,7 +397,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
   if run.is_chief:
     os.makedirs(workdir, exist_ok=True)
     ckpt_lib.check_workdir_config(workdir, config)
-  run.prepare_features()
   final_path = os.path.join(workdir, 'final_metrics.json')
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -419,6 +418,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     host_state, start = run.initial_state(), 0
     loop_state = dict(best=None, best_step=None, plateau_bad=0, early_bad=0, stopped_early=False,
                       train_seconds=0.0)
+  run.prepare_features()   # features mode: cached backbone features become the data
 
   if run.is_chief and config.print_summary:
     _print_summary(run)
