@@ -469,15 +469,26 @@ def _headline(rows) -> str:
 
 
 def plot_results(rows, keys, path: str) -> None:
-  """The headline test metric against the first non-seed axis; one line per value
-  of the remaining axes; mean and std over seeds as error bars."""
+  """The headline test metric (and the last epoch's training error, when logged)
+  against the first non-seed axis; one line per value of the remaining axes; mean
+  and std over seeds as error bars."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  metric = _headline(rows)
+  metrics = [_headline(rows)]
+  if metrics[0] == 'test_error' and any('train_error' in r for r in rows):
+    metrics.insert(0, 'train_error')
+  fig, axs = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+  for ax, metric in zip(axs[0], metrics):
+    _plot_metric(ax, rows, keys, metric)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_metric(ax, rows, keys, metric: str) -> None:
   axes_ = [k for k in keys if k != 'seed']
   done = [r for r in rows if r['status'] == 'done' and metric in r]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
   if not axes_:
     vals = [r[metric] for r in done]
     ax.bar(['all'], [np.mean(vals)], yerr=[np.std(vals)], capsize=4)
@@ -502,13 +513,11 @@ def plot_results(rows, keys, path: str) -> None:
     ax.set_xlabel(x_key)
     if len(lines) > 1:
       ax.legend(fontsize=8)
-  ax.set_ylabel(metric.replace('_', ' '))
+  what = 'last epoch, training mode' if metric.startswith('train') else 'test split'
+  ax.set_ylabel(f'{metric.replace("_", " ")} ({what})')
   ax.set_title(f'{metric.replace("_", " ")} per sweep point'
                + (' (mean ± std over seeds)' if 'seed' in keys else ''))
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_curves(workdir: str, point_names: Sequence[str], path: str) -> None:
