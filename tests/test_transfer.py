@@ -23,11 +23,18 @@ FAMILY_MODELS = ['cifar_resnet_tiny', 'resnet_tiny', 'vgg_tiny', 'alexnet_tiny',
                  'densenet_tiny', 'googlenet_bn_tiny', 'googlenet_tiny', 'mobilenet_v1_tiny',
                  'mobilenet_v2_tiny', 'nin_tiny', 'highway_cnn_tiny', 'highway_mlp_tiny',
                  'cnn1d_tiny', 'textcnn_tiny', 'resunetpp_tiny', 'unet_tiny', 'lenet5',
-                 'example_ffcnn']
+                 'example_ffcnn', 'ablation_cnn_tiny', 'mlp']
+
+
+# The training tests use a net that compiles fast: two stages of one 3x3 conv + BN.
+TINY = 'ablation_cnn_tiny'
+TINY_KW = dict(kernels=(3,))
 
 
 def _abstract(name, **kw):
   entry = registry.model_info(name)
+  if name == TINY:
+    kw = {**TINY_KW, **kw}
   model = models.get_model(name, **kw)
   dtype = jnp.int32 if name.startswith('textcnn') else jnp.float32
   return model, entry.input_shape, dtype
@@ -80,22 +87,22 @@ def test_a_model_without_a_class_dependent_output_has_no_head():
 # The plan: freeze specs, lr multipliers, phases.
 # ---------------------------------------------------------------------------
 
-def _plan(name='cifar_resnet_tiny', **kw):
+def _plan(name=TINY, **kw):
   model, shape, _ = _abstract(name, num_classes=5)
   v = stages_lib.abstract_variables(model, shape)
   return model, shape, v, freeze_lib.make_plan(model, v['params'], shape, **kw)
 
 
 def test_freeze_by_stage_name_backbone_and_regex():
-  _, _, v, plan = _plan(freeze='stem,stage1')
+  _, _, v, plan = _plan(freeze='stage1')
   frozen = {plan.stage[p] for p, k in plan.unfreeze_phase.items() if k == freeze_lib.NEVER}
-  assert frozen == {'stem', 'stage1'}
+  assert frozen == {'stage1'}
   _, _, _, plan = _plan(freeze='backbone')
   assert all((k == 0) == (plan.stage[p] == 'head') for p, k in plan.unfreeze_phase.items())
   _, _, _, plan = _plan(freeze=r'conv\d/kernel$')
   frozen = sorted(stages_lib.path_str(p) for p, k in plan.unfreeze_phase.items() if k)
-  assert frozen and all(f.endswith('kernel') and '/conv' in f for f in frozen)
-  assert plan.unfreeze_phase[('bn_init', 'scale')] == 0
+  assert frozen == ['stage1_conv1/kernel', 'stage2_conv1/kernel']
+  assert plan.unfreeze_phase[('stage1_bn1', 'scale')] == 0
 
 
 @pytest.mark.parametrize('spec,match', [
@@ -110,30 +117,31 @@ def test_bad_freeze_specs_name_the_problem(spec, match):
 
 def test_lr_multipliers_and_stage_decay():
   _, _, _, plan = _plan(stage_lr_decay=0.5)
-  assert plan.order == ['stem', 'stage1', 'stage2', 'head']
+  assert plan.order == ['stage1', 'stage2', 'head']
   mult = {plan.stage[p]: m for p, m in plan.lr_mult.items()}
-  assert mult == {'head': 1.0, 'stage2': 0.5, 'stage1': 0.25, 'stem': 0.125}
-  _, _, _, plan = _plan(stage_lr_decay=0.5, lr_multipliers='stem=0.01,fc/bias=2')
-  assert plan.lr_mult[('conv_init', 'kernel')] == 0.01
+  assert mult == {'head': 1.0, 'stage2': 0.5, 'stage1': 0.25}
+  _, _, _, plan = _plan(stage_lr_decay=0.5, lr_multipliers='stage1=0.01,fc/bias=2')
+  assert plan.lr_mult[('stage1_conv1', 'kernel')] == 0.01
+  assert plan.lr_mult[('stage2_conv1', 'kernel')] == 0.5
   assert plan.lr_mult[('fc', 'bias')] == 2.0
   assert plan.lr_mult[('fc', 'kernel')] == 1.0
   with pytest.raises(ValueError, match='stage_or_regex=number'):
-    _plan(lr_multipliers='stem:0.1')
+    _plan(lr_multipliers='stage1:0.1')
 
 
 def test_gradual_unfreezing_goes_top_down():
   _, _, _, plan = _plan(freeze='backbone', unfreeze_every_steps=10)
   phase_of = {plan.stage[p]: k for p, k in plan.unfreeze_phase.items()}
-  assert phase_of == {'head': 0, 'stage2': 1, 'stage1': 2, 'stem': 3}
-  assert [plan.phase(s) for s in (0, 9, 10, 29, 30, 1000)] == [0, 0, 1, 2, 3, 3]
-  assert plan.num_phases == 4
+  assert phase_of == {'head': 0, 'stage2': 1, 'stage1': 2}
+  assert [plan.phase(s) for s in (0, 9, 10, 19, 20, 1000)] == [0, 0, 1, 1, 2, 2]
+  assert plan.num_phases == 3
 
 
 # ---------------------------------------------------------------------------
 # Training steps: frozen parameters and statistics do not move.
 # ---------------------------------------------------------------------------
 
-def _state_and_batch(plan_kw, name='cifar_resnet_tiny', opt=None):
+def _state_and_batch(plan_kw, name=TINY, opt=None):
   model, shape, v, plan = _plan(name, **plan_kw)
   opt = dict(name='momentum', lr=0.1, weight_decay=1e-3) if opt is None else opt
   tx = optim.make_optimizer(opt, split=lambda mc: plan.optimizer(mc, 0))[0]
@@ -158,7 +166,7 @@ def _flat(tree):
 
 @pytest.mark.parametrize('frozen_bn', ['eval', 'keep', 'update'])
 def test_frozen_parameters_are_bit_identical_after_steps(frozen_bn):
-  model, plan, state, batch, v = _state_and_batch(dict(freeze='stem,stage1',
+  model, plan, state, batch, v = _state_and_batch(dict(freeze='stage1',
                                                        frozen_bn=frozen_bn))
   step = _step_fn(model, plan, v)
   before_p, before_s = _flat(state.params), _flat(state.batch_stats)
@@ -167,14 +175,14 @@ def test_frozen_parameters_are_bit_identical_after_steps(frozen_bn):
   after_p, after_s = _flat(state.params), _flat(state.batch_stats)
   for path, value in before_p.items():
     same = np.array_equal(value, after_p[path])
-    assert same == (plan.stage[path] in ('stem', 'stage1')), path
+    assert same == (plan.stage[path] == 'stage1'), path
   for path, value in before_s.items():
     frozen_module = path[:-1] in plan.frozen_bn_modules(0)
     assert np.array_equal(value, after_s[path]) == (frozen_module and frozen_bn != 'update')
 
 
 def test_frozen_parameters_have_no_optimizer_state():
-  _, plan, state, _, _ = _state_and_batch(dict(freeze='stem,stage1'))
+  _, plan, state, _, _ = _state_and_batch(dict(freeze='stage1'))
   n_trainable = sum(int(np.prod(np.shape(x))) for p, x in _flat(state.params).items()
                     if plan.unfreeze_phase[p] == 0)
   # Momentum keeps one trace entry per trainable parameter, none for frozen ones.
@@ -184,7 +192,7 @@ def test_frozen_parameters_have_no_optimizer_state():
 
 
 def test_eval_mode_bn_on_a_frozen_net_matches_the_eval_forward_pass():
-  model, shape, _, plan = _plan('cifar_resnet_tiny', freeze='backbone')
+  model, shape, _, plan = _plan(freeze='backbone')
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + shape), train=False))(
       jax.random.PRNGKey(0))
   # Non-trivial running statistics, so that using them is visible.
@@ -204,7 +212,7 @@ def test_eval_mode_bn_on_a_frozen_net_matches_the_eval_forward_pass():
 
 
 def test_held_groups_keep_their_state_until_their_phase():
-  model, plan, state, batch, v = _state_and_batch(dict(freeze='stem,stage1',
+  model, plan, state, batch, v = _state_and_batch(dict(freeze='stage1,stage2',
                                                        unfreeze_every_steps=2))
   tx1 = optim.make_optimizer(dict(name='momentum', lr=0.1, weight_decay=1e-3),
                              split=lambda mc: plan.optimizer(mc, 1))[0]
@@ -219,7 +227,7 @@ def test_held_groups_keep_their_state_until_their_phase():
   p1 = _flat(state.params)
   for path in p0:
     moved = not np.array_equal(p0[path], p1[path])
-    assert moved == (plan.stage[path] != 'stem'), path
+    assert moved == (plan.stage[path] != 'stage1'), path   # stage2 trains from phase 1
 
 
 # ---------------------------------------------------------------------------
@@ -234,35 +242,35 @@ def _real_variables(name, num_classes, seed=0):
 
 
 def test_head_replacement_gives_the_new_shape_and_keeps_the_rest():
-  _, _, pretrained = _real_variables('cifar_resnet_tiny', 10, seed=0)
-  model, shape, fresh = _real_variables('cifar_resnet_tiny', 3, seed=1)
+  _, _, pretrained = _real_variables(TINY, 10, seed=0)
+  model, shape, fresh = _real_variables(TINY, 3, seed=1)
   heads = transfer.head_paths(model, shape)
   out, counts = transfer.adapt_variables(pretrained, fresh, heads)
   assert out['params']['fc']['kernel'].shape == (8, 3)
   np.testing.assert_array_equal(out['params']['fc']['kernel'], fresh['params']['fc']['kernel'])
-  np.testing.assert_array_equal(out['params']['conv_init']['kernel'],
-                                pretrained['params']['conv_init']['kernel'])
-  np.testing.assert_array_equal(out['batch_stats']['bn_init']['mean'],
-                                pretrained['batch_stats']['bn_init']['mean'])
-  assert counts['fresh'] == 2 and counts['loaded'] > 10
+  np.testing.assert_array_equal(out['params']['stage1_conv1']['kernel'],
+                                pretrained['params']['stage1_conv1']['kernel'])
+  np.testing.assert_array_equal(out['batch_stats']['stage1_bn1']['mean'],
+                                pretrained['batch_stats']['stage1_bn1']['mean'])
+  assert counts == {'fresh': 2, 'loaded': 10}
   with pytest.raises(ValueError, match="num_classes differs; use transfer.head='replace'"):
     transfer.adapt_variables(pretrained, fresh, heads, replace_head=False)
 
 
 def test_adapt_names_missing_unexpected_and_misshaped_tensors():
-  _, _, pretrained = _real_variables('cifar_resnet_tiny', 10)
-  model, shape, fresh = _real_variables('cifar_resnet_tiny', 10)
+  _, _, pretrained = _real_variables(TINY, 10)
+  model, shape, fresh = _real_variables(TINY, 10)
   heads = transfer.head_paths(model, shape)
   bad = jax.tree_util.tree_map(lambda x: x, pretrained)
-  del bad['params']['stage1_block1']['conv1']
+  del bad['params']['stage2_conv1']
   bad['params']['extra'] = {'kernel': np.zeros((2, 2))}
-  bad['params']['conv_init']['kernel'] = np.zeros((5, 5, 1, 4), np.float32)
+  bad['params']['stage1_conv1']['kernel'] = np.zeros((5, 5, 1, 4), np.float32)
   with pytest.raises(ValueError) as e:
     transfer.adapt_variables(bad, fresh, heads)
   msg = str(e.value)
-  assert 'missing params/stage1_block1/conv1/kernel' in msg
+  assert 'missing params/stage2_conv1/kernel' in msg
   assert 'unexpected params/extra/kernel' in msg
-  assert 'shape of params/conv_init/kernel: pretrained (5, 5, 1, 4)' in msg
+  assert 'shape of params/stage1_conv1/kernel: pretrained (5, 5, 1, 4)' in msg
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +358,8 @@ def test_workdirs_written_before_new_keys_still_resume():
 
 def _digits_config(**kw):
   c = config_lib.default_config()
-  c.model, c.dataset = 'cifar_resnet_tiny', 'digits'
+  c.model, c.dataset = TINY, 'digits'
+  c.model_kwargs = dict(TINY_KW)
   c.batch_size, c.num_devices = 8, 2
   c.progress_bar, c.write_plots, c.print_summary = False, False, False
   c.best_metric = ''
@@ -373,17 +382,17 @@ def pretrained_dir(tmp_path_factory):
 def test_finetune_from_a_workdir_keeps_frozen_stages(pretrained_dir, tmp_path):
   wd = str(tmp_path / 'ft')
   c = _digits_config(classes='5-9', train_examples_per_class=4, num_train_steps=4,
-                     transfer_init_from=pretrained_dir, transfer_freeze='stem,stage1')
+                     transfer_init_from=pretrained_dir, transfer_freeze='stage1')
   final = loop.train_and_evaluate(c, wd)
   assert final['test_count'] == 180.0     # every test digit of 5-9
   src, _ = transfer.restore_workdir_variables(pretrained_dir)
   out, info = transfer.restore_workdir_variables(wd)
   assert info['step'] == 4
   a, b = _flat(src), _flat(out)
-  stage = {('params',) + p: s for p, s in _plan(freeze='stem,stage1')[3].stage.items()}
+  stage = {('params',) + p: s for p, s in _plan(freeze='stage1')[3].stage.items()}
   for path, value in a.items():
     key = path if path[0] == 'params' else ('params',) + path[1:-1] + ('scale',)
-    frozen = stage.get(key) in ('stem', 'stage1')
+    frozen = stage.get(key) == 'stage1'
     if path[1] == 'fc':
       continue
     assert np.array_equal(value, b[path]) == frozen, path
@@ -408,7 +417,7 @@ def test_features_mode_caches_and_matches_the_full_model(pretrained_dir, tmp_pat
   full = transfer.merge_head(backbone, head['params'], 'fc')
   src = data_lib.select(data_lib.get_source('digits', 'test'), [5, 6, 7, 8, 9])
   images = np.stack([data_lib.to_example(src[i])['image'] for i in range(6)])
-  model = models.get_model('cifar_resnet_tiny', num_classes=5)
+  model = models.get_model(TINY, num_classes=5, **TINY_KW)
   logits_full = model.apply(full, images, train=False)
   logits_head = run.model.apply({'params': head['params']},
                                 run.eval_source.features[:6])
@@ -418,7 +427,7 @@ def test_features_mode_caches_and_matches_the_full_model(pretrained_dir, tmp_pat
 
 def test_gradual_unfreezing_resumes_bit_identically(pretrained_dir, tmp_path):
   # 20 examples, batch 8: 2 steps per epoch; a stage unfreezes every epoch.
-  kw = dict(classes='5-9', train_examples_per_class=4, num_train_steps=5,
+  kw = dict(classes='5-9', train_examples_per_class=4, num_train_steps=4,
             transfer_init_from=pretrained_dir, transfer_freeze='backbone',
             transfer_unfreeze_every_epochs=1.0, transfer_frozen_bn='eval')
   straight = str(tmp_path / 'straight')
@@ -433,9 +442,9 @@ def test_gradual_unfreezing_resumes_bit_identically(pretrained_dir, tmp_path):
   fa, fb, fs = _flat(a), _flat(b), _flat(src)
   for path in fa:
     np.testing.assert_array_equal(fa[path], fb[path], err_msg=str(path))
-  # After 5 steps (phases: head 0-1, +stage2 2-3, +stage1 4) the stem is still frozen
-  # and stage1 has moved.
-  assert np.array_equal(fa[('params', 'conv_init', 'kernel')],
-                        fs[('params', 'conv_init', 'kernel')])
-  assert not np.array_equal(fa[('params', 'stage1_block1', 'conv1', 'kernel')],
-                            fs[('params', 'stage1_block1', 'conv1', 'kernel')])
+  # After 4 steps (phases: head at 0-1, + stage2 at 2-3) stage1 is still frozen and
+  # stage2 has moved.
+  assert np.array_equal(fa[('params', 'stage1_conv1', 'kernel')],
+                        fs[('params', 'stage1_conv1', 'kernel')])
+  assert not np.array_equal(fa[('params', 'stage2_conv1', 'kernel')],
+                            fs[('params', 'stage2_conv1', 'kernel')])

@@ -127,12 +127,12 @@ def _family_rule(model):
       return f'decoder{m.group(1)}'
     if top == 'bridge':
       return 'bridge'
-    m = re.match(r'^highway(\d+)$', top)            # highway MLP layers
+    m = re.match(r'^(?:highway|dense)(\d+)$', top)   # highway MLP layers, MLP layers
     if m:
       return f'stage{m.group(1)}'
     if top in ('bn_final', 'conv_last', 'bn_last', 'bn2d'):
       return '_last'                                # closes the last stage
-    if re.match(r'^(fc\d+|f6|bn1d)$', top):
+    if re.match(r'^(fc\d+|fc_hidden|f6|bn1d)$', top):
       return 'classifier'
     if re.match(r'^(aux\d+|head_aspp|head|fc|out|output)$', top):
       return 'head'
