@@ -1,4 +1,4 @@
-"""The one entry point, and the only file that defines flags.
+r"""The one entry point, and the only file that defines flags.
 
   python launch.py --config=configs/lenet5_digits.py --workdir=runs/lenet5_digits
   python launch.py --config=configs/lenet5_digits.py --workdir=runs/lenet5_digits --mode=eval
@@ -92,7 +92,8 @@ def _sweep(mode):
   import importlib.util
   import os
   from cnn_jax.train import sweep
-  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  # 'file.py:arg' (a config file with an argument) -> the file.
+  path = config_flags.get_config_filename(flags.FLAGS['config']).split(':', 1)[0]
   spec = importlib.util.spec_from_file_location('sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

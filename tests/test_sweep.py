@@ -143,7 +143,7 @@ def test_launch_sweep_results_mode(tmp_path):
   cfg.write_text(
       'from cnn_jax.train.config import default_config\n'
       'from cnn_jax.train import sweep\n'
-      'def get_config():\n'
+      'def get_config(arg=None):\n'
       '  c = default_config()\n'
       "  c.model, c.dataset, c.num_train_steps = 'cifar_resnet_tiny', 'digits', 2\n"
       '  return c\n'
@@ -151,8 +151,9 @@ def test_launch_sweep_results_mode(tmp_path):
       "  return sweep.axis('seed', [0, 1])\n")
   _fake_finished(tmp_path / 'w' / 'seed=0', 0.25)
   env = dict(os.environ, PYTHONPATH=REPO)
+  # 'file:arg' configs work too (the argument goes to get_config).
   out = subprocess.run([sys.executable, 'launch.py', '--mode=sweep_results',
-                        f'--config={cfg}', f'--workdir={tmp_path / "w"}'], cwd=REPO,
+                        f'--config={cfg}:x', f'--workdir={tmp_path / "w"}'], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode == 0, out.stderr
   assert '| 0 | 1,234 |' in out.stdout and 'missing' in out.stdout
@@ -160,3 +161,27 @@ def test_launch_sweep_results_mode(tmp_path):
                         f'--workdir={tmp_path / "w"}', '--sweep_index=5'], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=env)
   assert bad.returncode == 2 and 'out of range' in bad.stderr
+
+
+def test_a_diverging_point_is_a_result_not_a_failed_sweep(tmp_path, monkeypatch):
+  points = sweep.axis('optimizer.lr', [0.1, 10.0])
+  calls = []
+
+  def fake_train(config, workdir):
+    calls.append(config.optimizer.lr)
+    if config.optimizer.lr > 1:
+      raise loop.NonFiniteLossError('training loss is nan at step 3')
+    _fake_finished(workdir, 0.1)
+    return {}
+  monkeypatch.setattr(loop, 'train_and_evaluate', fake_train)
+  rows = sweep.run_sweep(_config(), points, str(tmp_path))
+  assert [r['status'] for r in rows] == ['done', 'diverged']
+  assert 'diverged' in open(tmp_path / 'results.md').read()
+  calls.clear()
+  sweep.run_sweep(_config(), points, str(tmp_path))   # neither point runs again
+  assert calls == []
+
+
+def test_results_of_a_missing_workdir_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='holds no sweep'):
+    sweep.aggregate(str(tmp_path / 'nope'), sweep.plan(_config(), sweep.axis('seed', [0])))

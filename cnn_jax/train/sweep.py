@@ -194,6 +194,11 @@ def plan(config, points: Sequence[Point]):
 
 
 def is_finished(point_dir: str) -> bool:
+  """A point is done when its run finished, or when it diverged (a deterministic run
+  would diverge again: it is a result, recorded as such, not retried)."""
+  record = _read_json(os.path.join(point_dir, 'sweep_point.json')) or {}
+  if record.get('status') == 'diverged':
+    return True
   path = os.path.join(point_dir, 'final_metrics.json')
   if not os.path.exists(path):
     return False
@@ -214,7 +219,15 @@ def run_point(name: str, point: Point, config, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
   finished = is_finished(point_dir)
   print(f'=== sweep point {name}' + (' (finished)' if finished else ''), flush=True)
-  result = loop.train_and_evaluate(config, point_dir)
+  if record.get('status') == 'diverged':
+    return {'status': 'diverged'}
+  try:
+    result = loop.train_and_evaluate(config, point_dir)
+  except loop.NonFiniteLossError as e:
+    # A learning-rate ablation may diverge: that is a result, not a failed sweep.
+    print(f'sweep point {name} diverged: {e}', flush=True)
+    record.update(status='diverged', error=str(e))
+    result = {'status': 'diverged'}
   if not finished:
     record['wall_seconds'] = record.get('wall_seconds', 0.0) + time.time() - t0
   record['overrides'] = point
@@ -332,6 +345,10 @@ def point_row(workdir: str, name: str, point: Point) -> Dict[str, Any]:
   sweep_point.json). status 'missing' when the point has not finished."""
   point_dir = os.path.join(workdir, name)
   row: Dict[str, Any] = {'name': name, **point}
+  record = _read_json(os.path.join(point_dir, 'sweep_point.json')) or {}
+  if record.get('status') == 'diverged':
+    row['status'] = 'diverged'
+    return row
   final = _read_json(os.path.join(point_dir, 'final_metrics.json'))
   if final is None or not is_finished(point_dir):
     row['status'] = 'missing'
@@ -348,14 +365,17 @@ def point_row(workdir: str, name: str, point: Point) -> Dict[str, Any]:
   for key in ('num_params', 'flops_per_example', 'train_seconds', 'step'):
     if key in final:
       row[key] = final[key]
-  record = _read_json(os.path.join(point_dir, 'sweep_point.json')) or {}
   if 'wall_seconds' in record:
     row['wall_seconds'] = record['wall_seconds']
   return row
 
 
 def aggregate(workdir: str, planned) -> List[Dict[str, Any]]:
-  """Writes results.csv, results.md, results.png and curves.png; returns the rows."""
+  """Writes results.csv, results.md, results.png and curves.png; returns the rows.
+  Points that have not finished are rows with status 'missing', diverged ones
+  'diverged'."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f'{workdir!r} holds no sweep; run --mode=sweep first.')
   points = [(n, p) for n, p, *_ in planned]
   rows = [point_row(workdir, n, p) for n, p in points]
   keys = list(dict.fromkeys(k for _, p in points for k in p))
@@ -514,6 +534,9 @@ def _plot_metric(ax, rows, keys, metric: str) -> None:
     if len(lines) > 1:
       ax.legend(fontsize=8)
   what = 'last epoch, training mode' if metric.startswith('train') else 'test split'
+  values = [r[metric] for r in done if r[metric] > 0]
+  if metric.endswith(('error', 'loss')) and values and max(values) > 10 * min(values):
+    ax.set_yscale('log')   # a diverged or chance-level point would flatten the rest
   ax.set_ylabel(f'{metric.replace("_", " ")} ({what})')
   ax.set_title(f'{metric.replace("_", " ")} per sweep point'
                + (' (mean ± std over seeds)' if 'seed' in keys else ''))
@@ -543,9 +566,11 @@ def plot_curves(workdir: str, point_names: Sequence[str], path: str) -> None:
          title='Validation accuracy' if any_val else 'Validation accuracy (none logged)')
   for a in (a1, a2):
     a.grid(alpha=0.3)
-  handles, labels = a1.get_legend_handles_labels()
+  _, labels = a1.get_legend_handles_labels()
   if len(labels) <= 16:
     a1.legend(fontsize=7)
+  elif len(labels) <= 40:
+    a1.legend(fontsize=5, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

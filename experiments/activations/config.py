@@ -1,6 +1,6 @@
-"""Activation functions in a deep plain net: ReLU vs sigmoid vs tanh on digits.
+r"""Activation functions in a deep plain net: ReLU vs sigmoid vs tanh on digits.
 
-    python launch.py --mode=sweep --config=experiments/activations/config.py \\
+    python launch.py --mode=sweep --config=experiments/activations/config.py \
         --workdir=runs/activations
     python experiments/activations/grad_norms.py --workdir=runs/activations
 

@@ -1,4 +1,4 @@
-"""Pretraining for the transfer experiment: a small CIFAR ResNet on digits 0-4.
+r"""Pretraining for the transfer experiment: a small CIFAR ResNet on digits 0-4.
 
     python launch.py --config=experiments/transfer_digits/pretrain.py \
         --workdir=runs/transfer_digits/pretrain

@@ -1,4 +1,4 @@
-"""The transfer arms: learn digits 5-9 from 10 examples per class.
+r"""The transfer arms: learn digits 5-9 from 10 examples per class.
 
     python launch.py --config=experiments/transfer_digits/transfer.py:features \
         --workdir=runs/transfer_digits/features_seed0

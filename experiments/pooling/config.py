@@ -1,0 +1,55 @@
+r"""Downsampling: max vs average vs L2 pooling vs a strided convolution.
+
+    python launch.py --mode=sweep --config=experiments/pooling/config.py \
+        --workdir=runs/pooling --sweep_workers=1
+
+The same `ablation_cnn` (three stages of two 3x3 convs, widths 16, 32, 64) halves
+its maps at the end of every stage in one of four ways: a 2x2/2 max, average or
+L2 pool after the stage's last conv, or that last conv taking stride 2 instead
+(no pool). Parameters are identical across the four; the strided net computes
+its stage-final convs at a quarter of the positions. 4 ways x 3 seeds = 12 runs
+of 12 epochs on the embedded digits.
+Measured (README.md): max, average and L2 pooling at 0.28-0.37% test error, the
+strided conv at 1.11% ± 0.73% with 45% of the FLOPs. 21 min (14 min of CPU) on
+the 2-core CPU while other jobs shared it.
+"""
+from cnn_jax.train import sweep
+from cnn_jax.train.config import default_config
+
+DOWNSAMPLE = ['max', 'avg', 'l2', 'strided']
+SEEDS = [0, 1, 2]
+
+
+def get_config():
+  config = default_config()
+  config.model = 'ablation_cnn'
+  config.model_kwargs = dict(
+      kernels=(3, 3),
+      widths=(16, 32, 64),
+      downsample='max',
+      padding='same',
+      batch_norm=True)
+  config.dataset = 'digits'
+  config.train_split = 'train[:90%]'
+  config.val_split = 'train[90%:]'
+  config.eval_split = 'test'
+  config.train_transform = 'rotate(10)|zoom(0.9,1.1)'
+  config.batch_size = 32
+  config.num_epochs = 12.0
+  config.optimizer.name = 'momentum'
+  config.optimizer.lr = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.schedule = 'warmup_cosine'
+  config.optimizer.warmup_steps = 50
+  config.log_every_steps = 40
+  config.checkpoint_every_steps = 1000   # one save, at the end
+  config.keep_checkpoints = 1
+  config.progress_bar = False
+  config.print_summary = False
+  return config
+
+
+def get_sweep():
+  return sweep.product(sweep.axis('model_kwargs.downsample', DOWNSAMPLE),
+                       sweep.axis('seed', SEEDS))
