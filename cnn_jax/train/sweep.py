@@ -472,6 +472,8 @@ def markdown(rows, keys, groups=None) -> str:
           cells.append('')
         elif c in ('num_params', 'flops_per_example') or c.endswith('seconds'):
           cells.append(_cell(g[c], c))
+        elif g['n'] < 2:          # one seed: no spread to show
+          cells.append(f'{g[c]:.4f}')
         else:
           cells.append(f'{g[c]:.4f} ± {g[c + "_std"]:.4f}')
       cells.append(f'{g["n"]}/{g["seeds"]}')
