@@ -30,6 +30,10 @@ def test_padding_downsampling_and_shapes():
   for kw, stage_shapes in [
       (dict(padding='same'), [(16, 16), (8, 8)]),
       (dict(padding='valid'), [(14, 14), (5, 5)]),           # 32-2-2=28 ->14; 14-4=10 -> 5
+      (dict(padding=0), [(14, 14), (5, 5)]),                 # 0 is 'valid'
+      (dict(padding=1), [(16, 16), (8, 8)]),                 # k // 2 is 'same' for 3x3
+      (dict(padding=1, kernels=(5,)), [(15, 15), (6, 6)]),   # 32-4+2=30 -> 15; 15-2=13 -> 6
+      (dict(padding=2, kernels=(5,)), [(16, 16), (8, 8)]),
       (dict(downsample='strided'), [(16, 16), (8, 8)]),
       (dict(downsample='none'), [(32, 32), (32, 32)]),
       (dict(downsample='l2', lrn=True), [(16, 16), (8, 8)])]:
@@ -48,6 +52,11 @@ def test_bad_fields_and_too_small_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="needs maps of at least 7"):
     models.get_model('ablation_cnn', kernels=(7,), padding='valid', widths=(4, 4, 4)).init(
         jax.random.PRNGKey(0), x, train=False)
+  for bad, msg in [(2, r'outside 0..k // 2 for kernel size\(s\) \[3\]'), (-1, 'outside'),
+                   ('full', 'padding must be one of'), (True, 'or an int')]:
+    with pytest.raises(ValueError, match=msg):
+      models.get_model('ablation_cnn', kernels=(5, 3), padding=bad).init(
+          jax.random.PRNGKey(0), x, train=False)
 
 
 def test_residual_sigmoid_and_dropout_train():

@@ -13,8 +13,10 @@ questions:
                    len(kernels) convs, plus the FC layers)
   downsample       'max', 'avg', 'l2' (2x2/2 pools), 'strided' (the stage's last
                    conv has stride 2) or 'none'
-  padding          'same' (k // 2 zeros: maps keep their size) or 'valid' (no
-                   padding: every k x k conv trims k - 1 pixels)
+  padding          'same' (k // 2 zeros: maps keep their size), 'valid' (no
+                   padding: every k x k conv trims k - 1 pixels), or an int p with
+                   0 <= p <= k // 2 for every kernel: p zeros on each side, so a
+                   k x k conv trims k - 1 - 2p pixels (the amounts in between)
   batch_norm, lrn, dropout_rate   on/off (LRN: AlexNet's, after the stage's last
                    activation, before the downsampling; dropout before the head)
   activation       any name of cnn_jax.ops.activations ('relu', 'sigmoid', 'tanh', ...)
@@ -30,7 +32,7 @@ Param names: 'stage{i}_conv{j}', 'stage{i}_bn{j}', 'fc_hidden', 'fc'; MLP:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -51,7 +53,7 @@ class AblationCNN(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   kernels: Sequence[int] = (3, 3)
   downsample: str = 'max'
-  padding: str = 'same'
+  padding: Union[str, int] = 'same'
   batch_norm: bool = True
   lrn: bool = False
   dropout_rate: float = 0.0
@@ -67,8 +69,7 @@ class AblationCNN(nn.Module):
   def __call__(self, x, *, train: bool):
     if self.downsample not in DOWNSAMPLING:
       raise ValueError(f'downsample must be one of {DOWNSAMPLING}, got {self.downsample!r}.')
-    if self.padding not in PADDINGS:
-      raise ValueError(f'padding must be one of {PADDINGS}, got {self.padding!r}.')
+    _check_padding(self.padding, self.kernels)
     if not self.widths or not self.kernels:
       raise ValueError('widths and kernels need at least one entry each.')
     act = activations.get_activation(self.activation)
@@ -78,7 +79,7 @@ class AblationCNN(nn.Module):
       for j, k in enumerate(self.kernels, start=1):
         last = j == len(self.kernels)
         stride = 2 if (self.downsample == 'strided' and last) else 1
-        pad = k // 2 if self.padding == 'same' else 0
+        pad = _pad_amount(self.padding, k)
         if any(s < k - 2 * pad for s in x.shape[1:-1]):
           raise ValueError(
               f'stage {i} conv {j}: a {k}x{k} conv with padding {self.padding!r} needs '
@@ -109,6 +110,28 @@ class AblationCNN(nn.Module):
       x = cnn.Dropout(self.dropout_rate, deterministic=not train,
                       axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+
+
+def _check_padding(padding, kernels):
+  if isinstance(padding, bool) or not isinstance(padding, (str, int)):
+    raise ValueError(f"padding must be 'same', 'valid' or an int, got {padding!r}.")
+  if isinstance(padding, str):
+    if padding not in PADDINGS:
+      raise ValueError(f'padding must be one of {PADDINGS} or an int, got {padding!r}.')
+    return
+  too_big = [k for k in kernels if padding > k // 2]
+  if padding < 0 or too_big:
+    raise ValueError(
+        f'padding={padding} is outside 0..k // 2 for kernel size(s) {too_big or list(kernels)}: '
+        "0 is 'valid', k // 2 is 'same'; more would add rows of pure zeros around every map.")
+
+
+def _pad_amount(padding, k):
+  if padding == 'same':
+    return k // 2
+  if padding == 'valid':
+    return 0
+  return int(padding)
 
 
 class MLP(nn.Module):

@@ -12,30 +12,18 @@ the activation. grad_norms.py then plots ||dL/dW|| of every layer at initialisat
 Expected: see experiments/activations/README.md for the measured table and plot.
 """
 from cnn_jax.train import sweep
-from cnn_jax.train.config import default_config
+from experiments import common
 
 ACTIVATIONS = ('relu', 'tanh', 'sigmoid')
 
 
 def get_config():
-  config = default_config()
+  # No augmentation and no weight decay: only the activation differs.
+  config = common.digits_config(num_epochs=15, lr=0.02, weight_decay=0.0, warmup_steps=40,
+                                train_transform='', log_every_steps=20)
   config.model = 'ablation_cnn'
   config.model_kwargs = dict(widths=(16, 16, 32, 32, 64), kernels=(3, 3), batch_norm=False,
                              downsample='max', activation='relu')
-  config.dataset = 'digits'
-  config.train_split = 'train[:90%]'
-  config.val_split = 'train[90%:]'
-  config.eval_split = 'test'
-  config.batch_size = 32
-  config.num_epochs = 15.0
-  config.optimizer.name = 'momentum'
-  config.optimizer.lr = 0.02
-  config.optimizer.schedule = 'warmup_cosine'
-  config.optimizer.warmup_steps = 40
-  config.log_every_steps = 20
-  config.checkpoint_every_steps = 1000
-  config.progress_bar = False
-  config.print_summary = False
   config.write_plots = False
   return config
 

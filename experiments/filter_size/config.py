@@ -14,14 +14,14 @@ whose first stage reads one channel at 32x32. 26 min (11 min of CPU) on the
 2-core CPU while other jobs shared it.
 """
 from cnn_jax.train import sweep
-from cnn_jax.train.config import default_config
+from experiments import common
 
 KERNELS = [(7,), (3, 3, 3), (5,), (3, 3)]
 SEEDS = [0, 1, 2]
 
 
 def get_config():
-  config = default_config()
+  config = common.digits_config()
   config.model = 'ablation_cnn'
   config.model_kwargs = dict(
       kernels=(3, 3, 3),
@@ -31,24 +31,6 @@ def get_config():
       downsample='max',
       padding='same',        # 'valid' would shrink a 7x7 stage's maps by 6 pixels
       batch_norm=True)
-  config.dataset = 'digits'
-  config.train_split = 'train[:90%]'
-  config.val_split = 'train[90%:]'
-  config.eval_split = 'test'
-  config.train_transform = 'rotate(10)|zoom(0.9,1.1)'
-  config.batch_size = 32
-  config.num_epochs = 12.0
-  config.optimizer.name = 'momentum'
-  config.optimizer.lr = 0.05
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.schedule = 'warmup_cosine'
-  config.optimizer.warmup_steps = 50
-  config.log_every_steps = 40
-  config.checkpoint_every_steps = 1000   # one save, at the end
-  config.keep_checkpoints = 1
-  config.progress_bar = False
-  config.print_summary = False
   return config
 
 

@@ -14,14 +14,14 @@ strided conv at 1.11% ± 0.73% with 45% of the FLOPs. 21 min (14 min of CPU) on
 the 2-core CPU while other jobs shared it.
 """
 from cnn_jax.train import sweep
-from cnn_jax.train.config import default_config
+from experiments import common
 
 DOWNSAMPLE = ['max', 'avg', 'l2', 'strided']
 SEEDS = [0, 1, 2]
 
 
 def get_config():
-  config = default_config()
+  config = common.digits_config()
   config.model = 'ablation_cnn'
   config.model_kwargs = dict(
       kernels=(3, 3),
@@ -29,24 +29,6 @@ def get_config():
       downsample='max',
       padding='same',
       batch_norm=True)
-  config.dataset = 'digits'
-  config.train_split = 'train[:90%]'
-  config.val_split = 'train[90%:]'
-  config.eval_split = 'test'
-  config.train_transform = 'rotate(10)|zoom(0.9,1.1)'
-  config.batch_size = 32
-  config.num_epochs = 12.0
-  config.optimizer.name = 'momentum'
-  config.optimizer.lr = 0.05
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.schedule = 'warmup_cosine'
-  config.optimizer.warmup_steps = 50
-  config.log_every_steps = 40
-  config.checkpoint_every_steps = 1000   # one save, at the end
-  config.keep_checkpoints = 1
-  config.progress_bar = False
-  config.print_summary = False
   return config
 
 

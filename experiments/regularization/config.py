@@ -13,7 +13,7 @@ the plain net stays at chance (90%) and the BatchNorm net gets 2.5%.
 The same sweep on CIFAR-10, once prepared: experiments/regularization/cifar10.py.
 """
 from cnn_jax.train import sweep
-from cnn_jax.train.config import default_config
+from experiments import common
 
 SEEDS = (0, 1, 2)
 BASE_LR = 0.05
@@ -38,7 +38,11 @@ ARMS = {
 
 def get_config():
   """The plain baseline every arm changes one thing of."""
-  config = default_config()
+  # No augmentation: it is a regulariser too, and the point is to let the plain net
+  # overfit so that the ones under test have something to act on. 10 epochs = 410
+  # steps: the plain net fits the training set.
+  config = common.digits_config(num_epochs=10, lr=BASE_LR, weight_decay=0.0, warmup_steps=40,
+                                train_transform='', log_every_steps=41)   # 41: an epoch
   config.model = 'ablation_cnn'
   # Three stages of one 3x3 conv (8, 16, 32 channels) and 2x2 max pooling, then a
   # flatten (4x4x32 = 512) into a hidden FC layer of 128: most parameters sit in the
@@ -47,26 +51,7 @@ def get_config():
                              padding='same', batch_norm=False, lrn=False, dropout_rate=0.0,
                              activation='relu', residual=False, fc_features=128,
                              global_pool=False)
-  config.dataset = 'digits'
-  config.train_split = 'train[:90%]'   # 1,293 digits
-  config.val_split = 'train[90%:]'     # 144
-  config.eval_split = 'test'           # 360
-  # No augmentation: it is a regulariser too, and the point is to let the plain net
-  # overfit so that the ones under test have something to act on.
-  config.train_transform = ''
-  config.batch_size = 32
-  config.num_epochs = 10.0             # 410 steps; the plain net fits the training set
-  config.optimizer.name = 'momentum'
-  config.optimizer.lr = BASE_LR
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.schedule = 'warmup_cosine'
-  config.optimizer.warmup_steps = 40
-  config.log_every_steps = 41          # one epoch
-  config.checkpoint_every_steps = 1000
   config.best_metric = 'val/accuracy'
-  config.progress_bar = False
-  config.print_summary = False
   return config
 
 
