@@ -10,8 +10,8 @@ L2 pool after the stage's last conv, or that last conv taking stride 2 instead
 its stage-final convs at a quarter of the positions. 4 ways x 3 seeds = 12 runs
 of 12 epochs on the embedded digits.
 Measured (README.md): max, average and L2 pooling at 0.28-0.37% test error, the
-strided conv at 1.11% ± 0.73% with 45% of the FLOPs. 21 min (14 min of CPU) on
-the 2-core CPU while other jobs shared it.
+strided conv at 1.11% ± 0.73% with 45% of the FLOPs. 14 min 47 s on the 2-core
+CPU.
 """
 from cnn_jax.train import sweep
 from experiments import common
