@@ -38,8 +38,10 @@ def test_padding_downsampling_and_shapes():
       (dict(downsample='none'), [(32, 32), (32, 32)]),
       (dict(downsample='l2', lrn=True), [(16, 16), (8, 8)])]:
     m = models.get_model('ablation_cnn', widths=(4, 8), **kw)
-    v = m.init(jax.random.PRNGKey(0), x, train=False)
-    _, inter = m.apply(v, x, train=False, mutable=['intermediates'])
+    # Shapes only: traced abstractly, nothing is computed.
+    v = jax.eval_shape(lambda x: m.init(jax.random.PRNGKey(0), x, train=False), x)
+    _, inter = jax.eval_shape(
+        lambda v, x: m.apply(v, x, train=False, mutable=['intermediates']), v, x)
     got = [inter['intermediates'][f'stage{i}'][0].shape[1:3] for i in (1, 2)]
     assert got == stage_shapes, kw
 

@@ -25,13 +25,15 @@ def _split(name: str) -> Tuple[str, str]:
   return prefix, base
 
 
-def _figure(figsize) -> Figure:
+def new_figure(figsize) -> Figure:
+  """A matplotlib Figure on an Agg canvas, without pyplot's global state."""
   fig = Figure(figsize=figsize)
   FigureCanvasAgg(fig)   # attaches itself: layout and savefig render with Agg
   return fig
 
 
-def _save(fig: Figure, path_png: str, dpi: int) -> str:
+def save_figure(fig: Figure, path_png: str, dpi: int) -> str:
+  """Writes fig as a PNG, creating the parent directory; returns the path."""
   path_png = os.fspath(path_png)
   directory = os.path.dirname(path_png)
   if directory:
@@ -82,7 +84,7 @@ def plot_training_curves(records: Sequence[dict], path_png: str,
   panels = _panels(names, keys)
   ncols = min(len(panels), 2)
   nrows = math.ceil(len(panels) / ncols)
-  fig = _figure((5.5 * ncols, 3.6 * nrows))
+  fig = new_figure((5.5 * ncols, 3.6 * nrows))
   for i, (title, series) in enumerate(panels.items()):
     ax = fig.add_subplot(nrows, ncols, i + 1)
     for name in series:
@@ -100,7 +102,7 @@ def plot_training_curves(records: Sequence[dict], path_png: str,
     if len(series) > 1 or _split(series[0])[0]:
       ax.legend(fontsize='small')
   fig.tight_layout()
-  return _save(fig, path_png, dpi)
+  return save_figure(fig, path_png, dpi)
 
 
 def plot_confusion_matrix(cm, path_png: str, class_names: Optional[Sequence[str]] = None,
@@ -130,7 +132,7 @@ def plot_confusion_matrix(cm, path_png: str, class_names: Optional[Sequence[str]
   else:
     shown = cm
   side = min(max(4.0, 0.45 * c + 2.0), 14.0)
-  fig = _figure((side + 1.2, side))
+  fig = new_figure((side + 1.2, side))
   ax = fig.add_subplot(1, 1, 1)
   image = ax.imshow(shown, cmap='Blues', interpolation='nearest',
                     vmin=0.0, vmax=1.0 if normalize else max(float(shown.max()), 1.0))
@@ -157,7 +159,7 @@ def plot_confusion_matrix(cm, path_png: str, class_names: Optional[Sequence[str]
   acc = np.trace(cm) / cm.sum() if cm.sum() > 0 else float('nan')
   ax.set_title(f'confusion matrix (accuracy {acc:.2%})')
   fig.tight_layout()
-  return _save(fig, path_png, dpi)
+  return save_figure(fig, path_png, dpi)
 
 
 # Class colours of segmentation masks, as in the notes' plant demo: black background,
@@ -200,7 +202,7 @@ def plot_segmentation_samples(images, truths, predictions, path_png: str, *,
     raise ValueError(f'need matching images {images.shape}, truths {truths.shape} and '
                      f'predictions {predictions.shape}.')
   n = len(images)
-  fig = _figure((7.5, 2.5 * n + 0.4))
+  fig = new_figure((7.5, 2.5 * n + 0.4))
   for i in range(n):
     for j, (panel, title) in enumerate(((_display(images[i]), 'input'),
                                         (colour_mask(truths[i]), 'ground truth'),
@@ -218,4 +220,4 @@ def plot_segmentation_samples(images, truths, predictions, path_png: str, *,
                             label=names[c]) for c in range(min(num, len(names)))],
              loc='lower center', ncol=min(num, 6), fontsize='small')
   fig.tight_layout(rect=(0, 0.4 / (2.5 * n + 0.4), 1, 1))
-  return _save(fig, path_png, dpi)
+  return save_figure(fig, path_png, dpi)

@@ -70,7 +70,7 @@ def _pairs(v, nd):
   return tuple(v) if len(v) == nd else (tuple(v) + (1,) * nd)[:nd]
 
 
-def _geometry(module: nn.Module, nd: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]:
+def layer_geometry(module: nn.Module, nd: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]:
   """(kernel, stride, dilation) of a windowed layer, read from its attributes."""
   kernel = getattr(module, 'kernel_size', None)
   is_pool = kernel is None
@@ -144,7 +144,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_table: bool =
       return out
     module = context.module
     own = _own_params(module)
-    geometry = _geometry(module, nd) if nd else None
+    geometry = layer_geometry(module, nd) if nd else None
     inp = args[0] if args else None
     r, j = source_field(inp)
     if geometry is not None and len(out.shape) == nd + 2:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import flax
 import numpy as np
@@ -35,30 +35,38 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'
                               ) -> Tuple[Dict[str, Any], dict]:
   """({'params', 'batch_stats'} as numpy, info) from a run's checkpoint.
 
-  which: 'latest' (the newest step) or 'best' (the step kept for best_metric).
-  info has 'model', 'model_kwargs', 'num_classes', 'step', 'workdir'."""
+  which: 'latest' (the newest step), 'best' (the step kept for best_metric) or
+  'best_or_latest' (best where the run kept one, else latest). info has 'model', 'model_kwargs', 'num_classes', 'step', 'workdir'."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = _workdir_config(workdir)
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise ValueError(f'{workdir!r} has no checkpoints/; train it first.')
-  best_metric = config.get('best_metric') if which == 'best' else None
-  options = ocp.CheckpointManagerOptions(
-      read_only=True, create=False,
-      best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
-      best_mode=config.get('best_mode', 'max'))
+  if which not in ('latest', 'best', 'best_or_latest'):
+    raise ValueError(f"which must be 'latest', 'best' or 'best_or_latest', got {which!r}.")
+  best_metric = config.get('best_metric') if which != 'latest' else None
   from absl import logging  # pylint: disable=import-outside-toplevel
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)   # orbax warns that a read-only manager is read-only
-  manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+  try:
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False,
+        best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+        best_mode=config.get('best_mode', 'max'))
+    manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+  except BaseException:
+    logging.set_verbosity(verbosity)
+    raise
   try:
     steps = sorted(manager.all_steps())
     if not steps:
       raise ValueError(f'{workdir!r} has no finished checkpoint; train it first.')
     step = steps[-1]
-    if which == 'best':
+    if which != 'latest':
       best = manager.best_step() if best_metric else None
+      if best is None and which == 'best_or_latest':
+        best = step
       if best is None:
         raise ValueError(f'{workdir!r} has no best checkpoint (its config has no '
                          "best_metric, or no step was saved with it); use "
