@@ -42,6 +42,9 @@ def test_models_sow_pre_logits_and_return_logits(name):
   logits, state = jax.eval_shape(run, x)
   if info.family == 'segmentation':   # per-pixel logits
     assert logits.shape == (2,) + info.input_shape[:-1] + (7,)
+  elif info.family == 'detection':    # the S x S grid: B boxes of 5 numbers, 7 classes
+    s, b = model.grid_size, model.boxes_per_cell
+    assert logits.shape == (2, s, s, 5 * b + 7)
   else:
     assert logits.shape == (2, 7)
   sown = state['intermediates']

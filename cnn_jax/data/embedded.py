@@ -1,6 +1,6 @@
 """Offline datasets that ship with Python packages, as tensorflow-datasets builders.
 
-Three builders are registered with tfds when this module is imported:
+Four builders are registered with tfds when this module is imported:
 
 * ``digits``  -- scikit-learn's ``load_digits``: 1,797 real 8x8 handwritten digits
   (values 0..16), scaled to [0, 1] by dividing by 16 and upsampled 4x to 32x32 with
@@ -20,6 +20,12 @@ Three builders are registered with tfds when this module is imported:
   1,000 scenes split 60/10/30 as in the notes: scenes 0-599 train, 600-699
   validation, 700-999 test. Stored as ``image: (128, 128, 3) uint8`` and
   ``label: (128, 128) uint8`` (the mask of class ids).
+* ``shapes``  -- SYNTHETIC detection scenes drawn procedurally by
+  ``shapes_scenes.py``: 64x64 RGB scenes with 1-4 objects of 4 classes (circle,
+  square, triangle, cross) and their exact boxes. Scenes 0-1,999 train, 2,000-2,199
+  validation, 2,200-2,699 test. Stored as ``image: (64, 64, 3) uint8``,
+  ``boxes: (4, 4) float32`` ((x0, y0, x1, y1) in [0, 1], rows past ``num_objects``
+  zero), ``labels: (4,) int64`` and ``num_objects: int64``.
 
 Records are stored in generation order (``disable_shuffling``), so record i of a split
 equals element i of ``digits_arrays()`` / ``mnist1d_arrays()`` (digits: increasing
@@ -34,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cnn_jax.data import scenes
+from cnn_jax.data import shapes_scenes
 
 DIGITS_SIZE = 32
 DIGITS_TEST_SIZE = 360
@@ -42,6 +49,9 @@ MNIST1D_LENGTH = 40
 
 _CITATION_DIGITS = 'Alpaydin & Kaynak (1998), UCI Optical Recognition of Handwritten Digits.'
 _CITATION_MNIST1D = 'Greydanus (2020), Scaling down deep learning (MNIST-1D).'
+_CITATION_SHAPES = ('Synthetic data (cnn_jax.data.shapes_scenes): procedurally drawn '
+                    'detection scenes with exact boxes; no real images.')
+SHAPES_SPLITS = {'train': (0, 2000), 'validation': (2000, 2200), 'test': (2200, 2700)}
 _CITATION_PLANTS = ("Synthetic data (cnn_jax.data.scenes), modelled on the lecture notes' "
                     'ResUNet++ wild-plant segmentation demo; no real images.')
 
@@ -200,4 +210,47 @@ class Plants(tfds.core.GeneratorBasedBuilder):
     raise NotImplementedError
 
 
-BUILDERS = {'digits': Digits, 'mnist1d': Mnist1d, 'plants': Plants}
+def _shape_examples(start: int, stop: int):
+  m = shapes_scenes.MAX_OBJECTS
+  for i in range(start, stop):
+    scene = shapes_scenes.scene(i)
+    boxes, labels, valid = shapes_scenes.pad_objects(scene['boxes'], scene['labels'], m)
+    yield i - start, {'image': scene['image'], 'boxes': boxes.astype(np.float32),
+                      'labels': labels.astype(np.int64),
+                      'num_objects': np.int64(valid.sum())}
+
+
+class Shapes(tfds.core.GeneratorBasedBuilder):
+  """SYNTHETIC detection scenes (shapes_scenes.py): 64x64 RGB uint8 with up to 4
+  boxed objects of 4 classes, 2,000/200/500."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def _info(self):
+    size, m = shapes_scenes.SIZE, shapes_scenes.MAX_OBJECTS
+    return self.dataset_info_from_configs(
+        description=('SYNTHETIC (procedurally drawn) detection scenes: boxes (x0, y0, x1, '
+                     'y1) in [0, 1] and class ids '
+                     f'{dict(enumerate(shapes_scenes.CLASSES))}; rows past num_objects '
+                     'are padding.\n\n' + __doc__),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8,
+                                          encoding='bytes'),
+            'boxes': tfds.features.Tensor(shape=(m, 4), dtype=np.float32),
+            'labels': tfds.features.Tensor(shape=(m,), dtype=np.int64),
+            'num_objects': tfds.features.Tensor(shape=(), dtype=np.int64),
+        }),
+        disable_shuffling=True,  # record i == shapes_scenes.scene(start + i)
+        citation=_CITATION_SHAPES,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {split: _shape_examples(*span) for split, span in SHAPES_SPLITS.items()}
+
+  def _generate_examples(self, *args, **kwargs):
+    raise NotImplementedError
+
+
+BUILDERS = {'digits': Digits, 'mnist1d': Mnist1d, 'plants': Plants, 'shapes': Shapes}

@@ -1,7 +1,7 @@
 """Random-access data sources (tfds.data_source) and grain loaders.
 
 ``get_source(name, split, data_dir)``
-  * embedded names (``digits``, ``mnist1d``, ``plants``; see ``embedded.py``) are
+  * embedded names (``digits``, ``mnist1d``, ``plants``, ``shapes``; see ``embedded.py``) are
     prepared on first use into ``data_dir`` as array_record files (offline, seconds)
     and read back;
   * catalog names (``mnist``, ``cifar10``, ``mnist:3.0.1``, ``cifar10/config`` ...) are
@@ -101,7 +101,7 @@ def get_source(name: str, split: str, data_dir: str | None = None):
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
-TASKS = ('classification', 'segmentation')
+TASKS = ('classification', 'segmentation', 'detection')
 
 
 class Subset:
@@ -177,7 +177,7 @@ def _as_mask(mask) -> np.ndarray:
   return mask.astype(np.int32)
 
 
-def to_example(record: dict, task: str = 'classification') -> dict:
+def to_example(record: dict, task: str = 'classification', max_objects: int = 0) -> dict:
   """A raw tfds record -> {'image': float32, 'label': int32}.
 
   uint8 images (catalog datasets) are scaled to [0, 1]; float images are kept as is.
@@ -191,6 +191,12 @@ def to_example(record: dict, task: str = 'classification') -> dict:
       raises ValueError;
     * else record['label'], which must be a mask (ndim >= 2; e.g. ``plants``).
   Either way a label with ndim >= 2 is a mask: int32, a trailing channel of 1 dropped.
+  task='detection': {'image', 'boxes' (M, 4) float32 (x0, y0, x1, y1) in [0, 1],
+    'label' (M,) int32 class ids, 'valid' (M,) bool} with M = max_objects (padding
+    rows zero and invalid), from the embedded ``shapes`` records ('boxes', 'labels',
+    'num_objects') or tfds's detection records (``voc``, ``coco``: 'objects' with
+    'bbox' as (ymin, xmin, ymax, xmax) and 'label'). More than M objects is an
+    error naming config key 'detection.max_objects'.
   """
   if task not in TASKS:
     raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
@@ -199,6 +205,8 @@ def to_example(record: dict, task: str = 'classification') -> dict:
     image = image.astype(np.float32) / 255.0
   else:
     image = image.astype(np.float32)
+  if task == 'detection':
+    return _detection_example(record, image, max_objects)
   if task == 'segmentation' and 'segmentation_mask' in record:
     mask = _as_mask(record['segmentation_mask'])
     if mask.size and mask.min() < 1:
@@ -214,6 +222,34 @@ def to_example(record: dict, task: str = 'classification') -> dict:
   return {'image': image, 'label': label.astype(np.int32)}
 
 
+def _detection_example(record: dict, image: np.ndarray, max_objects: int) -> dict:
+  if max_objects < 1:
+    raise ValueError("task='detection' needs max_objects >= 1 (config key "
+                     "'detection.max_objects').")
+  if 'boxes' in record:
+    n = int(np.asarray(record.get('num_objects', len(record['boxes']))))
+    boxes = np.asarray(record['boxes'], np.float32)[:n]
+    labels = np.asarray(record['labels'], np.int64)[:n]
+  elif 'objects' in record:
+    objects = record['objects']
+    yxyx = np.asarray(objects['bbox'], np.float32).reshape(-1, 4)
+    boxes = yxyx[:, [1, 0, 3, 2]]
+    labels = np.asarray(objects['label'], np.int64).reshape(-1)
+    n = len(boxes)
+  else:
+    raise ValueError("task='detection' needs records with 'boxes'/'labels' (the embedded "
+                     "shapes) or tfds 'objects' with 'bbox' and 'label' (voc, coco); got "
+                     f'keys {sorted(record)}.')
+  if n > max_objects:
+    raise ValueError(f'an image holds {n} objects, more than detection.max_objects='
+                     f'{max_objects}; raise config key detection.max_objects.')
+  out_boxes = np.zeros((max_objects, 4), np.float32)
+  out_labels = np.zeros((max_objects,), np.int32)
+  valid = np.zeros((max_objects,), bool)
+  out_boxes[:n], out_labels[:n], valid[:n] = boxes, labels, True
+  return {'image': image, 'boxes': out_boxes, 'label': out_labels, 'valid': valid}
+
+
 def make_loader(
     source,
     *,
@@ -227,6 +263,7 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     task: str = 'classification',
+    max_objects: int = 0,
 ) -> grain.MapDataset:
   """A grain MapDataset of dict batches {'image', 'label', 'mask'}.
 
@@ -246,7 +283,9 @@ def make_loader(
   The result supports ``len``, indexing ``ds[step]`` (random access: step k is the
   same batch on every run, which is how a resumed run continues its data) and
   iteration. ``task`` is passed to ``to_example``: with 'segmentation' the 'label'
-  of a batch is the int32 (B, H, W) stack of masks (padding examples: all 0).
+  of a batch is the int32 (B, H, W) stack of masks (padding examples: all 0);
+  with 'detection' a batch has 'boxes' (B, M, 4), 'label' (B, M) and 'valid' (B, M)
+  with M = ``max_objects`` (see ``to_example``).
   """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
@@ -265,7 +304,7 @@ def make_loader(
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.map(functools.partial(to_example, task=task))
+  ds = ds.map(functools.partial(to_example, task=task, max_objects=max_objects))
   if transform is not None:
     ds = ds.map(transform)
   if random_transform is not None:
@@ -303,7 +342,7 @@ def _padding_example(example: dict) -> dict:
 
 # Class counts of the embedded datasets, whose labels are plain integer tensors
 # (plants: the class ids of its masks).
-_EMBEDDED_NUM_CLASSES = {'digits': 10, 'mnist1d': 10, 'plants': 3}
+_EMBEDDED_NUM_CLASSES = {'digits': 10, 'mnist1d': 10, 'plants': 3, 'shapes': 4}
 
 
 def num_classes(source, name: str) -> int:

@@ -27,7 +27,11 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-TASKS = ('classification', 'segmentation')
+TASKS = ('classification', 'segmentation', 'detection')
+CONF_TARGETS = ('iou', 'one')
+CLASS_LOSSES = ('mse', 'ce')
+# Augmentation ops that leave normalised boxes where they are (detection).
+BOX_SAFE_OPS = ('resize', 'normalize', 'to_rgb', 'color_jitter', 'pca_noise')
 PARALLELISM = ('jit', 'pmap')
 CONV_IMPLS = ('cnn_jax', 'flax')
 LOSSES = ('cross_entropy', 'sigmoid_cross_entropy', 'mse', 'dice', 'cross_entropy+dice')
@@ -47,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every config key with its default. Locked: unknown keys are errors."""
   c = ml_collections.ConfigDict()
   # --- what is trained
-  c.task = 'classification'        # or 'segmentation': per-pixel labels, Dice/IoU metrics
+  c.task = 'classification'        # 'segmentation': per-pixel labels, Dice/IoU metrics;
+                                   # 'detection': boxes, a YOLO model, mAP
   c.model = ''                     # a name from cnn_jax.models.list_models()
   c.model_kwargs = ml_collections.ConfigDict()  # extra fields for the model class
   c.conv = 'cnn_jax'               # 'cnn_jax': our custom_vjp conv; 'flax': flax.linen.Conv
@@ -78,6 +83,17 @@ def default_config() -> ml_collections.ConfigDict:
       label_smoothing=0.0,
       aux_weight=0.3,              # weight of GoogLeNet's auxiliary losses
       class_weights=()))           # per-class loss weights; () for none
+  # --- detection (task='detection', see cnn_jax.detection)
+  c.detection = ml_collections.ConfigDict(dict(
+      max_objects=50,              # ground-truth boxes per image (the rest is padding)
+      lambda_coord=5.0,            # YOLO v1 loss: weight of the box terms
+      lambda_noobj=0.5,            # and of the confidence of boxes with no object
+      conf_target='iou',           # 'iou' (the paper) or 'one'
+      class_loss='mse',            # 'mse' (the paper) or 'ce'
+      nms_iou_threshold=0.5,       # per-class non-maximum suppression
+      score_threshold=0.01,        # detections kept for mAP (low: AP needs the tail)
+      max_detections=100,          # per image
+  ))
   # --- transfer learning (see cnn_jax.transfer): start from trained weights
   c.transfer = ml_collections.ConfigDict(dict(
       init_from='',                # '': train from scratch; a workdir of this project,
@@ -221,6 +237,7 @@ def validate(config) -> ml_collections.ConfigDict:
     except ValueError as e:
       raise ValueError(f'config key {key!r}: {e}') from None
   _validate_data_selection(config)
+  _validate_detection(config)
   _validate_transfer(config)
   if config.distributed and config.coordinator_address is not None and (
       config.num_processes is None or config.process_id is None):
@@ -261,6 +278,49 @@ def _validate_data_selection(config) -> None:
   if config.classes and config.task != 'classification':
     raise ValueError("'classes' selects examples by their label: it needs "
                      "task='classification'.")
+
+
+def _validate_detection(config) -> None:
+  d = config.detection
+  _check_choice('detection.conf_target', d.conf_target, CONF_TARGETS)
+  _check_choice('detection.class_loss', d.class_loss, CLASS_LOSSES)
+  for key in ('max_objects', 'max_detections'):
+    if d[key] < 1:
+      raise ValueError(f"config key 'detection.{key}' must be >= 1, got {d[key]}.")
+  for key in ('lambda_coord', 'lambda_noobj'):
+    if d[key] < 0:
+      raise ValueError(f"config key 'detection.{key}' must be >= 0, got {d[key]}.")
+  for key in ('nms_iou_threshold', 'score_threshold'):
+    if not 0.0 <= d[key] <= 1.0:
+      raise ValueError(f"config key 'detection.{key}' must be in [0, 1], got {d[key]}.")
+  family = None
+  if config.model:
+    from cnn_jax import models  # pylint: disable=import-outside-toplevel
+    family = models.model_info(config.model).family
+  if config.task != 'detection':
+    if family == 'detection':
+      raise ValueError(f"model {config.model!r} is a detector: set task='detection'.")
+    return
+  if family is not None:
+    if family != 'detection':
+      raise ValueError(f"task='detection' needs a detection model (yolo, yolo_shapes, or "
+                       f"yolo with model_kwargs.backbone=...), got {config.model!r} "
+                       f'({family}).')
+  from cnn_jax.data import augment  # pylint: disable=import-outside-toplevel
+  for key in ('train_transform', 'eval_transform'):
+    ops = [text.split('(')[0] for text, _, _ in augment.make_transform(config[key]).ops]
+    moving = [op for op in ops if op not in BOX_SAFE_OPS]
+    if moving:
+      raise ValueError(f"config key {key!r}: {', '.join(moving)} move pixels, and the "
+                       "boxes would not follow; with task='detection' use only "
+                       f"{', '.join(BOX_SAFE_OPS)}.")
+  if config.best_metric.endswith(('/accuracy', '/top5_accuracy', '/error')):
+    raise ValueError(f"best_metric {config.best_metric!r} is a classification metric; "
+                     "with task='detection' use 'val/mAP50' (or 'val/mAP', 'val/loss' "
+                     "with best_mode='min').")
+  if config.loss.name != 'cross_entropy' or config.loss.label_smoothing:
+    raise ValueError("task='detection' trains the YOLO loss (config keys detection.*); "
+                     'leave loss.name and loss.label_smoothing at their defaults.')
 
 
 def _validate_transfer(config) -> None:

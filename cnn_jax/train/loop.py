@@ -109,8 +109,10 @@ class Run:
                                                                    config.dataset))
     self.train_transform = augment.make_transform(config.train_transform)
     self.eval_transform = augment.make_transform(config.eval_transform)
-    example = self.eval_transform(data_lib.to_example(self.eval_source[0], task=config.task),
-                                  np.random.default_rng(0))
+    self.max_objects = config.detection.max_objects if config.task == 'detection' else 0
+    example = self.eval_transform(
+        data_lib.to_example(self.eval_source[0], task=config.task,
+                            max_objects=self.max_objects), np.random.default_rng(0))
     self.input_shape = tuple(example['image'].shape)
 
     self.steps_per_epoch = data_lib.steps_per_epoch(self.train_source, config.batch_size)
@@ -229,7 +231,13 @@ class Run:
           {'params': r, 'dropout': r}, jax.numpy.zeros((1,) + shape), train=False))(
               jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)))
       fresh = {k: v for k, v in fresh.items() if k in ('params', 'batch_stats')}
-    heads = transfer.head_paths(model, shape)
+    if type(model).__name__ == 'YOLO' and info.get('model') == model.backbone:
+      # A classifier's weights for a detector's backbone: they fill 'net' (the
+      # classifier's own output layer is dropped), the detection head stays fresh.
+      pretrained = _nest_backbone(pretrained, fresh)
+      heads = [p for p in transfer.stages.flat_paths(fresh['params']) if p[0] != 'net']
+    else:
+      heads = transfer.head_paths(model, shape)
     variables, counts = transfer.adapt_variables(pretrained, fresh, heads,
                                                  replace_head=t.head == 'replace')
     if self.is_chief:
@@ -273,14 +281,15 @@ class Run:
     return data_lib.make_loader(
         self.train_source, batch_size=self.config.batch_size, seed=self.config.seed,
         random_transform=self.train_transform, process_index=jax.process_index(),
-        process_count=jax.process_count(), task=self.config.task)
+        process_count=jax.process_count(), task=self.config.task,
+        max_objects=self.max_objects)
 
   def eval_loader(self, source):
     return data_lib.make_loader(
         source, batch_size=self.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
         drop_remainder=False, random_transform=self.eval_transform,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        task=self.config.task)
+        task=self.config.task, max_objects=self.max_objects)
 
   def train_step_fn(self, phase: int = 0):
     c = self.config.loss
@@ -295,6 +304,11 @@ class Run:
         if self.plan.frozen_bn == 'eval':
           extra['apply_fn'] = transfer.eval_mode_bn_apply(
               self.model.apply, self.plan.frozen_bn_modules(phase))
+    if self.config.task == 'detection':
+      from cnn_jax.detection import steps as det_steps  # pylint: disable=import-outside-toplevel
+      extra['task_loss'] = functools.partial(
+          det_steps.yolo_loss, num_classes=self.num_classes,
+          detection=self.config.detection.to_dict())
     fn = functools.partial(steps.train_step, label_smoothing=float(c.label_smoothing),
                            aux_weight=float(c.aux_weight), lr_schedule=self.lr_schedule,
                            axis_name=self.par.axis_name, loss_name=c.name,
@@ -302,9 +316,27 @@ class Run:
     return self.par.wrap(fn, donate_state=True)
 
   def eval_step_fn(self):
+    if self.config.task == 'detection':
+      from cnn_jax.detection import steps as det_steps  # pylint: disable=import-outside-toplevel
+      fn = functools.partial(det_steps.eval_step, num_classes=self.num_classes,
+                             detection=self.config.detection.to_dict())
+      return self.par.wrap(fn, donate_state=False)
     fn = functools.partial(steps.eval_step, axis_name=self.par.axis_name,
                            loss_name=self.config.loss.name, confusion=True)
     return self.par.wrap(fn, donate_state=False)
+
+
+def _nest_backbone(pretrained, fresh):
+  """A classifier's variables placed under a detector's 'net', keeping only the
+  top-level modules the truncated backbone has (its classifier never runs); the
+  detector's other variables are taken from `fresh`."""
+  out = {}
+  for col, tree in fresh.items():
+    have = tree.get('net', {})
+    old = pretrained.get(col, {})
+    out[col] = {**{k: v for k, v in tree.items() if k != 'net'},
+                'net': {k: v for k, v in old.items() if k in have}}
+  return out
 
 
 def _fields(model_name: str):
@@ -315,6 +347,12 @@ def _fields(model_name: str):
 
 def _evaluate(run: Run, state, eval_step, source) -> Dict[str, Any]:
   """Exact metrics over a whole split (padded last batch masked out)."""
+  if run.config.task == 'detection':
+    from cnn_jax.detection import steps as det_steps  # pylint: disable=import-outside-toplevel
+    collector = det_steps.Collector(run.num_classes)
+    for batch in run.eval_loader(source):
+      collector.add(batch, jax.device_get(eval_step(state, run.par.put_batch(batch))))
+    return collector.metrics()
   totals = None
   for batch in run.eval_loader(source):
     out = eval_step(state, run.par.put_batch(batch))
@@ -360,7 +398,7 @@ def _load_json(path: str):
 
 def _scalars(prefix: str, metrics: Dict[str, Any]) -> Dict[str, float]:
   return {f'{prefix}/{k}': float(v) for k, v in metrics.items()
-          if np.ndim(v) == 0 and k != 'count'}
+          if not isinstance(v, dict) and np.ndim(v) == 0 and k != 'count'}
 
 
 def _host_target(abstract):
@@ -498,7 +536,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
         writer.write_scalars(done, scalars)
         if bar is not None:
           bar.update(len(fetched), loss=train_metrics['loss'],
-                     acc=train_metrics['accuracy'])
+                     acc=train_metrics.get('accuracy'))
         val_scalars = {}
         if is_eval:
           val = _evaluate(run, state, eval_step, run.val_source)
@@ -532,12 +570,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     return {'status': 'stopped', 'step': done}
 
   test = _evaluate(run, state, eval_step, run.eval_source)
-  confusion = test.pop('confusion')
+  confusion = test.pop('confusion', None)
+  detections = test.pop('detection_result', None)
   final = {f'test_{k}': v for k, v in test.items()}
   if run.is_chief:
-    _write_per_class(os.path.join(workdir, 'test_per_class.csv'), confusion, config.task)
+    if confusion is not None:
+      _write_per_class(os.path.join(workdir, 'test_per_class.csv'), confusion, config.task)
     if config.task == 'segmentation' and config.write_plots:
       _sample_predictions(run, state, os.path.join(workdir, 'sample_predictions.png'))
+    if detections is not None and config.write_plots:
+      _detection_plots(run, state, detections, workdir)
   from cnn_jax.analysis import tables  # pylint: disable=import-outside-toplevel
   total = tables.summary(run.model, run.input_shape, print_table=False)[-1]
   final.update(num_params=int(total['params']), flops_per_example=int(total['flops']),
@@ -557,7 +599,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: Optional[int] 
     if old is not None and old.get('step') != done:   # a run extended to more steps
       os.replace(final_path, os.path.join(workdir, f'final_metrics.step{old.get("step")}.json'))
     _write_json(final_path, final)
-    _write_json(os.path.join(workdir, 'confusion_matrix.json'), confusion.tolist())
+    if confusion is not None:
+      _write_json(os.path.join(workdir, 'confusion_matrix.json'), confusion.tolist())
     if config.write_plots:
       _plots(workdir, confusion)
     print('Final metrics:\n' + json.dumps(final, indent=2, sort_keys=True), flush=True)
@@ -663,7 +706,47 @@ def _plots(workdir: str, confusion) -> None:
   records = writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   if records:
     plots.plot_training_curves(records, os.path.join(workdir, 'training_curves.png'))
-  plots.plot_confusion_matrix(confusion, os.path.join(workdir, 'confusion_matrix.png'))
+  if confusion is not None:
+    plots.plot_confusion_matrix(confusion, os.path.join(workdir, 'confusion_matrix.png'))
+
+
+def _detection_plots(run: Run, state, result, workdir: str) -> None:
+  """pr_curves.png (per class at IoU 0.5) and sample_detections.png (the first
+  test images, predictions beside the ground truth)."""
+  from cnn_jax.detection import draw  # pylint: disable=import-outside-toplevel
+  from cnn_jax.detection import metrics as det_metrics  # pylint: disable=import-outside-toplevel
+  from cnn_jax.detection import steps as det_steps  # pylint: disable=import-outside-toplevel
+  names = _class_names(run)
+  det_metrics.plot_pr_curves(result, os.path.join(workdir, 'pr_curves.png'), names)
+  n = min(run.config.num_sample_predictions, len(run.eval_source))
+  examples = [run.eval_transform(data_lib.to_example(run.eval_source[i], task='detection',
+                                                     max_objects=run.max_objects),
+                                 np.random.default_rng(0)) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  host = run.par.get_state(state)
+  collector = det_steps.Collector(run.num_classes)
+  fn = jax.jit(functools.partial(det_steps.eval_step, num_classes=run.num_classes,
+                                 detection=run.config.detection.to_dict()))
+  collector.add(batch, jax.device_get(fn(host, batch)))
+  d = collector.detections
+  draw.plot_detections(
+      batch['image'], batch['boxes'], batch['label'], [x['boxes'] for x in d],
+      [x['scores'] for x in d], [x['classes'] for x in d],
+      os.path.join(workdir, 'sample_detections.png'), names, gt_valid=batch['valid'],
+      pred_valid=[x['valid'] for x in d], max_images=n)
+
+
+def _class_names(run: Run):
+  if run.config.dataset == 'shapes':
+    from cnn_jax.data import shapes_scenes  # pylint: disable=import-outside-toplevel
+    return list(shapes_scenes.CLASSES)
+  label = None
+  try:
+    label = run.train_source.dataset_info.features['objects']['label']
+  except (AttributeError, KeyError, TypeError):
+    pass
+  names = getattr(label, 'names', None)
+  return list(names) if names else [str(c) for c in range(run.num_classes)]
 
 
 def evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -685,7 +768,8 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   host_state, meta = restored
   state = run.par.put_state(host_state)
   test = _evaluate(run, state, run.eval_step_fn(), run.eval_source)
-  test.pop('confusion')
+  test.pop('confusion', None)
+  test.pop('detection_result', None)
   out = {f'test_{k}': v for k, v in test.items()}
   out['step'] = int(meta['step'])
   if jax.process_index() == 0:

@@ -196,7 +196,7 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
                aux_weight: float = 0.3, lr_schedule: Optional[Callable] = None,
                axis_name: Optional[str] = None, loss_name: str = 'cross_entropy',
                class_weights=(), grad_mask=None, stats_mask=None,
-               apply_fn: Optional[Callable] = None):
+               apply_fn: Optional[Callable] = None, task_loss: Optional[Callable] = None):
   """One optimizer step. Pure: (state, batch) -> (new_state, metrics).
 
   Args:
@@ -219,6 +219,9 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
     stats_mask: a tree of Python bools shaped like batch_stats: True leaves keep
       their old values (frozen BatchNorm layers).
     apply_fn: replaces state.apply_fn in the train-mode forward pass.
+    task_loss: replaces compute_loss for another task (detection):
+      fn(params, state, batch, rng, apply_fn=...) -> (loss, (metrics, new_stats));
+      its metrics are reported instead of the classification ones.
   Returns:
     (new_state, metrics) with scalar 'loss' (total), 'ce_loss', 'aux_loss',
     'accuracy', 'top5_accuracy' (>= 5 classes), 'grad_norm' (before clipping)
@@ -227,19 +230,25 @@ def train_step(state: TrainState, batch, *, label_smoothing: float = 0.0,
   # The same key on every device: models built with axis_name draw dropout masks
   # by global example index (cnn_jax.nn.Dropout), so pmap matches jit.
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (loss, (logits, parts, new_stats)), grads = grad_fn(
-      state.params, state, batch, rng, label_smoothing=label_smoothing,
-      aux_weight=aux_weight, loss_name=loss_name, class_weights=tuple(class_weights),
-      apply_fn=apply_fn)
+  if task_loss is not None:
+    (loss, (parts, new_stats)), grads = jax.value_and_grad(task_loss, has_aux=True)(
+        state.params, state, batch, rng, apply_fn=apply_fn)
+    metrics = {'loss': loss, **parts}
+  else:
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (loss, (logits, parts, new_stats)), grads = grad_fn(
+        state.params, state, batch, rng, label_smoothing=label_smoothing,
+        aux_weight=aux_weight, loss_name=loss_name, class_weights=tuple(class_weights),
+        apply_fn=apply_fn)
+    labels = batch['label']
+    mask = _mask(batch, labels)
+    metrics = {'loss': loss, **parts,
+               'accuracy': _masked_mean(_correct(logits, labels), mask)}
+    if logits.shape[-1] >= 5:
+      metrics['top5_accuracy'] = _masked_mean(_correct_top5(logits, labels), mask)
   if grad_mask is not None:
     grads = jax.tree_util.tree_map(lambda g, m: g if m else jnp.zeros_like(g), grads,
                                    grad_mask)
-  labels = batch['label']
-  mask = _mask(batch, labels)
-  metrics = {'loss': loss, **parts, 'accuracy': _masked_mean(_correct(logits, labels), mask)}
-  if logits.shape[-1] >= 5:
-    metrics['top5_accuracy'] = _masked_mean(_correct_top5(logits, labels), mask)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     new_stats = jax.lax.pmean(new_stats, axis_name)

@@ -166,13 +166,25 @@ def param_stages(model, params, heads: Iterable[Path] = ()) -> Dict[Path, str]:
   Paths in `heads` (from head_paths) are 'head' whatever their name. Raises
   ValueError naming the top-level modules no rule places."""
   rule = _family_rule(model)
+  nested = type(model).__name__ == 'YOLO'
+  if nested:
+    # A detector: its backbone ('net') staged by the backbone's own rules, the
+    # detection head above it.
+    from cnn_jax.models import registry  # pylint: disable=import-outside-toplevel
+    rule = _family_rule(registry.get_model(model.backbone, num_classes=1,
+                                           **dict(model.backbone_kwargs or {})))
   heads = set(map(tuple, heads))
   out: Dict[Path, str] = {}
   unplaced = set()
   for path in flat_paths(params):
-    stage = 'head' if path in heads else rule(path[0])
+    if path in heads:
+      stage = 'head'
+    elif nested:
+      stage = rule(path[1]) if path[0] == 'net' and len(path) > 1 else 'head'
+    else:
+      stage = rule(path[0])
     if stage is None:
-      unplaced.add(path[0])
+      unplaced.add('/'.join(path[:2]) if nested else path[0])
       continue
     out[path] = stage
   if unplaced:
