@@ -318,6 +318,10 @@ def _validate_detection(config) -> None:
     raise ValueError(f"best_metric {config.best_metric!r} is a classification metric; "
                      "with task='detection' use 'val/mAP50' (or 'val/mAP', 'val/loss' "
                      "with best_mode='min').")
+  if config.distributed:
+    raise ValueError("task='detection' gathers every image's detections on one host for "
+                     'mAP; multi-process runs (distributed=True) are not supported yet: '
+                     'train on the devices of one host.')
   if config.loss.name != 'cross_entropy' or config.loss.label_smoothing:
     raise ValueError("task='detection' trains the YOLO loss (config keys detection.*); "
                      'leave loss.name and loss.label_smoothing at their defaults.')
