@@ -136,6 +136,8 @@ def test_to_example_plants_record_and_errors():
   with pytest.raises(ValueError, match='needs a mask'):
     sources.to_example(digit, task='segmentation')
   with pytest.raises(ValueError, match='task must be one of'):
-    sources.to_example(digit, task='detection')
+    sources.to_example(digit, task='keypoints')
+  with pytest.raises(ValueError, match="needs records with 'boxes'"):   # a digit has none
+    sources.to_example(digit, task='detection', max_objects=4)
   with pytest.raises(ValueError, match='task must be one of'):
     make_loader([digit], batch_size=1, seed=0, task='segment')
