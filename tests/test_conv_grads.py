@@ -52,6 +52,9 @@ GRID = [
     ((2, 4, 5, 3, 3), (3, 1, 2, 3, 2), (2, 1, 1), 'VALID', 1, 1),
     ((1, 4, 4, 5, 4), (1, 1, 1, 4, 3), (1, 1, 2), 'SAME', 1, 1),
     ((1, 5, 5, 4, 3), (3, 3, 3, 1, 3), 1, 'SAME', 1, 3),
+    # Maps smaller than the window (the im2col forward and dX rule's class).
+    ((2, 2, 2, 4), (3, 3, 4, 5), 1, 'SAME', 1, 1),
+    ((2, 1, 3, 4), (3, 3, 2, 6), 2, [(1, 1), (2, 0)], (1, 2), 2),
 ]
 
 
@@ -93,6 +96,8 @@ def _check_case(case, dtype, tol):
     _, vjp = jax.vjp(ref, x, w)
     ref_dx, ref_dw = vjp(dy)
     got = {k: f(dy, w, spec) for k, f in dx_forms.items()}
+    got['y/im2col'] = conv_grads.forward_im2col(x, w, spec)
+    got['y/ref'] = ref(x, w)
     got.update({k: f(x, dy, spec) for k, f in dw_forms.items()})
     return ref_dx, ref_dw, got
 
@@ -101,7 +106,10 @@ def _check_case(case, dtype, tol):
   ref_dx, ref_dw, got = jax.jit(everything)(x, w, dy)
   assert ref_dx.dtype == dtype
   for name, value in got.items():
-    ref = ref_dx if name.startswith('dx/') else ref_dw
+    if name.startswith('y/'):
+      ref = got['y/ref']
+    else:
+      ref = ref_dx if name.startswith('dx/') else ref_dw
     assert value.shape == ref.shape, name
     assert value.dtype == dtype, name
     np.testing.assert_allclose(np.asarray(value), np.asarray(ref), err_msg=name, **tol)
@@ -122,7 +130,8 @@ def test_conv_backward_uses_the_rule_and_matches_autodiff(x64):
   cases = [((2, 6, 6, 4), (3, 3, 4, 4), 2, 'SAME', 1, 1),      # im2col / dilated
            ((2, 6, 6, 4), (1, 1, 4, 6), 2, 'VALID', 1, 1),     # gemm / gemm
            ((2, 9, 4), (3, 4, 4), 1, 'SAME', 1, 1),            # correlation / dilated
-           ((2, 6, 6, 4), (3, 3, 1, 4), 1, 'SAME', 1, 4)]      # depthwise: im2col
+           ((2, 6, 6, 4), (3, 3, 1, 4), 1, 'SAME', 1, 4),      # depthwise: im2col
+           ((2, 2, 2, 4), (3, 3, 4, 4), 1, 'SAME', 1, 1)]      # small map: im2col Y, dX
   for xs, ws, s, p, d, g in cases:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(xs))
@@ -159,7 +168,23 @@ RULE = [
     (((32, 256, 64), (1, 64, 64), 1, 1), ('gemm', 'gemm')),
     (((8, 16, 16, 16, 32), (3, 3, 3, 32, 32), 1, 1), ('dilated', 'im2col')),
     (((8, 16, 16, 16, 32), (1, 1, 1, 32, 64), 2, 1), ('gemm', 'gemm')),
+    (((32, 2, 2, 512), (3, 3, 512, 512), 1, 1), ('im2col', 'im2col')),
+    (((32, 4, 4, 256), (3, 3, 256, 512), 2, 1), ('im2col', 'im2col')),
+    (((8, 4, 4, 256), (5, 5, 256, 256), 1, 1), ('im2col', 'im2col')),
 ]
+
+
+@pytest.mark.parametrize('xs,ws,stride,expected', [
+    ((32, 2, 2, 512), (3, 3, 512, 512), 1, 'im2col'),
+    ((32, 1, 1, 64), (3, 3, 64, 64), 1, 'im2col'),
+    ((32, 4, 4, 256), (3, 3, 256, 512), 2, 'xla'),
+    ((32, 4, 4, 256), (1, 1, 256, 512), 1, 'xla'),
+    ((32, 32, 32, 64), (3, 3, 64, 64), 1, 'xla'),
+    ((32, 2, 64), (3, 64, 64), 1, 'xla'),
+])
+def test_forward_rule(xs, ws, stride, expected):
+  spec = conv_mod.make_spec(xs, ws, stride=stride, padding='SAME')
+  assert conv_grads.forward_rule(spec) == expected
 
 
 @pytest.mark.parametrize('args,expected', RULE, ids=[str(r[1]) + str(r[0][1]) for r in RULE])

@@ -98,7 +98,14 @@ def make_spec(x_shape, w_shape, *, stride=1, padding='VALID', dilation=1, groups
 # ----------------------------------------------------------------------------
 
 def forward(x, w, spec: ConvSpec):
-  """Y = X (*) W: cross-correlation with stride, padding, dilation and groups."""
+  """Y = X (*) W: cross-correlation with stride, padding, dilation and groups.
+
+  XLA's convolution, except for maps smaller than the kernel window, where XLA's
+  CPU backend takes a slow generic path: there one im2col GEMM
+  (`conv_grads.forward_rule`, `conv_grads.forward_im2col`).
+  """
+  if conv_grads.forward_rule(spec) == 'im2col':
+    return conv_grads.forward_im2col(x, w, spec)
   return lax.conv_general_dilated(
       x, w, window_strides=spec.stride, padding=spec.padding,
       rhs_dilation=spec.dilation, dimension_numbers=conv_grads.dimension_numbers(spec.nd),

@@ -15,8 +15,17 @@ only in how the sums are laid out for the hardware; `input_grad` and
       otherwise (2-D/3-D k > 1, or -> weight_grad_im2col    (blocked patch GEMMs;
       any grouped/depthwise conv)     XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
+      2-D/3-D, dY smaller than the -> input_grad_im2col     (the notes' formula, its
+      kernel window                   conv as one im2col GEMM)
       otherwise                    -> input_grad_dilated    (the notes' formula;
                                       XLA's own dX, within ~1.2x of PyTorch)
+  Y   2-D/3-D, X smaller than the  -> forward_im2col        (one im2col GEMM)
+      kernel window (k > 1)
+      otherwise                    -> XLA's convolution
+
+Maps smaller than the kernel window (ResNet-18's 2x2 maps under 3x3 kernels at
+64x64 input) send XLA's CPU convolution down a generic path at ~0.5 GFLOP/s
+(benchmarks/README.md); there the patch matrix is small and one GEMM is fast.
 
 benchmarks/README.md has the measurements behind the rule. weight_grad_im2col
 fills its patch matrix in a lax.fori_loop over the taps, so its compiled
@@ -92,6 +101,44 @@ def tap_slice(xpad, tap, spec, first_spatial_axis: int = 1):
 
 
 # ----------------------------------------------------------------------------
+# Y (the forward product), for small maps
+# ----------------------------------------------------------------------------
+
+def forward_im2col(x, w, spec):
+  """Y = X (*) W as one contraction over (tap, channel): the strided tap views of
+  Xpad stacked side by side (the patch matrix), times W reshaped to (T, C_in/g,
+  C_out). Exact; the sums run in another order than XLA's conv.
+
+  Used where XLA's CPU convolution takes its generic slow path: a map smaller
+  than the kernel window (ResNet-18's 2x2 maps under 3x3 kernels at 64x64 input
+  run at ~0.5 GFLOP/s there, 286 ms against 5 ms for this GEMM). The patch matrix
+  is T times the output size, small exactly when the maps are.
+  """
+  taps = _all_taps(spec.kernel)
+  g = spec.groups
+  c_in, c_out = x.shape[-1], w.shape[-1]
+  xpad = pad_input(x, spec)
+  cols = jnp.stack([tap_slice(xpad, t, spec) for t in taps], axis=-2)   # (N, *out, T, C_in)
+  wt = w.reshape(len(taps), c_in // g, c_out)
+  if g == 1:
+    return jnp.einsum('...tc,tco->...o', cols, wt)
+  cols = cols.reshape(cols.shape[:-1] + (g, c_in // g))
+  wt = wt.reshape(len(taps), c_in // g, g, c_out // g)
+  y = jnp.einsum('...tgc,tcgo->...go', cols, wt)
+  return y.reshape(y.shape[:-2] + (c_out,))
+
+
+def _valid_spec(in_spatial, kernel, dilation, groups):
+  """The spec of a stride-1, unpadded conv (for formulations built on another)."""
+  from cnn_jax.ops.conv import ConvSpec  # pylint: disable=import-outside-toplevel
+  nd = len(kernel)
+  out = tuple(n - shapes.effective_kernel(k, d) + 1
+              for n, k, d in zip(in_spatial, kernel, dilation))
+  return ConvSpec(nd, (1,) * nd, ((0, 0),) * nd, tuple(dilation), groups, tuple(in_spatial),
+                  tuple(kernel), out)
+
+
+# ----------------------------------------------------------------------------
 # dL/dX
 # ----------------------------------------------------------------------------
 
@@ -105,6 +152,22 @@ def input_grad_dilated(dy, w, spec):
       dy, rotate_kernel(w, spec.nd, spec.groups), window_strides=(1,) * spec.nd,
       padding=pads, lhs_dilation=spec.stride, rhs_dilation=spec.dilation,
       dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
+
+
+def input_grad_im2col(dy, w, spec):
+  """The notes' dL/dX (as input_grad_dilated) with the convolution done by
+  forward_im2col: dY dilated by the stride and padded (F_eff-1-lo, F_eff-1-hi+r)
+  explicitly (lax.pad: interior padding dilates, negative padding crops), then
+  correlated with rot180(W), channels swapped. For small maps, like the forward."""
+  pads = [(0, 0, 0)]
+  for k, d, s_, (lo, hi), r in zip(spec.kernel, spec.dilation, spec.stride, spec.padding,
+                                   spec.remainder):
+    k_eff = shapes.effective_kernel(k, d)
+    pads.append((k_eff - 1 - lo, k_eff - 1 - hi + r, s_ - 1))
+  pads.append((0, 0, 0))
+  g = lax.pad(dy, jnp.zeros((), dy.dtype), pads)
+  inner = _valid_spec(g.shape[1:-1], spec.kernel, spec.dilation, spec.groups)
+  return forward_im2col(g, rotate_kernel(w, spec.nd, spec.groups), inner)
 
 
 def _phase(a, k, s, d, p_out, m_out):
@@ -351,6 +414,12 @@ INPUT_GRADS = {
     'dilated': input_grad_dilated,
     'phases': input_grad_phases,
     'gemm': input_grad_gemm,
+    'im2col': input_grad_im2col,
+}
+
+FORWARDS = {
+    'xla': None,               # lax.conv_general_dilated (cnn_jax.ops.conv.forward)
+    'im2col': forward_im2col,
 }
 
 WEIGHT_GRADS = {
@@ -366,10 +435,25 @@ def _is_1x1(spec) -> bool:
   return all(k == 1 for k in spec.kernel)
 
 
+def _smaller_than_window(spatial, spec) -> bool:
+  """Some spatial size below the (dilated) kernel's extent: XLA's slow path."""
+  return any(n < shapes.effective_kernel(k, d)
+             for n, k, d in zip(spatial, spec.kernel, spec.dilation))
+
+
+def forward_rule(spec) -> str:
+  """Name of the forward formulation for this shape class (see module docstring)."""
+  if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.in_spatial, spec):
+    return 'im2col'
+  return 'xla'
+
+
 def input_grad_rule(spec) -> str:
   """Name of the dL/dX formulation for this shape class (see module docstring)."""
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
+  if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.out_spatial, spec):
+    return 'im2col'
   return 'dilated'
 
 
