@@ -412,20 +412,6 @@ def deconvnet(model: nn.Module, variables, x, layer: str, channel: int, *,
   return np.asarray(g, np.float32)
 
 
-def _rescale(a) -> np.ndarray:
-  a = np.asarray(a, np.float64)
-  lo, hi = a.min(), a.max()
-  return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
-def _as_image(a) -> np.ndarray:
-  """(H, W, C) -> what imshow draws: (H, W) for one channel, RGB for three, else mean."""
-  a = np.asarray(a)
-  if a.shape[-1] == 1:
-    return a[..., 0]
-  return a if a.shape[-1] == 3 else a.mean(axis=-1)
-
-
 def plot_deconvnet(images, reconstructions, path_png: str,
                    titles: Optional[Sequence[str]] = None, *, dpi: int = 100) -> str:
   """Rows of image | deconvnet reconstruction, written to a PNG.
@@ -442,7 +428,8 @@ def plot_deconvnet(images, reconstructions, path_png: str,
   Returns:
     path_png.
   """
-  from cnn_jax.analysis.plots import new_figure, save_figure  # pylint: disable=import-outside-toplevel
+  from cnn_jax.analysis.plots import (  # pylint: disable=import-outside-toplevel
+      channels_for_display, new_figure, save_figure, unit_range)
   images, recon = np.asarray(images), np.asarray(reconstructions)
   if images.ndim != 4 or recon.shape != images.shape:
     raise ValueError(f'plot_deconvnet: need images and reconstructions of one shape '
@@ -453,8 +440,9 @@ def plot_deconvnet(images, reconstructions, path_png: str,
   fig = new_figure((5.0, 2.4 * n + 0.2))
   for i in range(n):
     caption = f'{titles[i]}\n' if titles is not None else ''
-    panels = ((_as_image(_rescale(images[i])), 'input' if i == 0 else ''),
-              (_as_image(_rescale(recon[i])), f'{caption}reconstruction (rescaled to [0, 1])'))
+    panels = ((channels_for_display(unit_range(images[i])), 'input' if i == 0 else ''),
+              (channels_for_display(unit_range(recon[i])),
+               f'{caption}reconstruction (rescaled to [0, 1])'))
     for j, (panel, title) in enumerate(panels, start=1):
       ax = fig.add_subplot(n, 2, 2 * i + j)
       ax.imshow(panel, cmap='gray' if panel.ndim == 2 else None, vmin=0, vmax=1,

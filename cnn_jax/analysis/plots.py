@@ -175,11 +175,25 @@ def colour_mask(mask) -> np.ndarray:
   return SEGMENTATION_COLOURS[mask % len(SEGMENTATION_COLOURS)]
 
 
+def unit_range(a) -> np.ndarray:
+  """a min-max rescaled to [0, 1] for display (a constant array becomes zeros)."""
+  a = np.asarray(a, np.float64)
+  lo, hi = a.min(), a.max()
+  return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def channels_for_display(a) -> np.ndarray:
+  """(H, W, C) -> what imshow draws: (H, W) for one channel, RGB for three, else
+  the mean over channels."""
+  a = np.asarray(a)
+  if a.shape[-1] == 1:
+    return a[..., 0]
+  return a if a.shape[-1] == 3 else a.mean(axis=-1)
+
+
 def _display(image) -> np.ndarray:
   """An input image (any range, 1 or 3 channels) scaled to [0, 1] for imshow."""
-  x = np.asarray(image, np.float64)
-  lo, hi = x.min(), x.max()
-  x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+  x = unit_range(image)
   return x[..., 0] if x.shape[-1] == 1 else x
 
 

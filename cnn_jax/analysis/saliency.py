@@ -458,12 +458,6 @@ def grad_cam(model: nn.Module, variables, x, layer: Optional[str] = None,
 # Figure
 # ----------------------------------------------------------------------------
 
-def _unit(a) -> np.ndarray:
-  a = np.asarray(a, np.float64)
-  lo, hi = a.min(), a.max()
-  return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
 def plot_saliency(images, maps, path_png: str, titles: Optional[Sequence[str]] = None, *,
                   cmap: str = 'jet', alpha: float = 0.5, dpi: int = 100) -> str:
   """Rows of image | saliency heatmap | heatmap over the image, written to a PNG.
@@ -482,7 +476,8 @@ def plot_saliency(images, maps, path_png: str, titles: Optional[Sequence[str]] =
   Returns:
     path_png.
   """
-  from cnn_jax.analysis.plots import new_figure, save_figure  # pylint: disable=import-outside-toplevel
+  from cnn_jax.analysis.plots import (  # pylint: disable=import-outside-toplevel
+      channels_for_display, new_figure, save_figure, unit_range)
   images, maps = np.asarray(images), np.asarray(maps)
   if images.ndim != 4:
     raise ValueError(f'plot_saliency: images must be (N, H, W, C), got {images.shape}.')
@@ -496,10 +491,8 @@ def plot_saliency(images, maps, path_png: str, titles: Optional[Sequence[str]] =
     raise ValueError(f'plot_saliency: {len(titles)} titles for {n} images.')
   fig = new_figure((7.5, 2.5 * n + 0.2))
   for i in range(n):
-    image = _unit(images[i])
-    image = image[..., 0] if image.shape[-1] == 1 else (
-        image if image.shape[-1] == 3 else image.mean(axis=-1))
-    heat = _unit(maps[i])
+    image = channels_for_display(unit_range(images[i]))
+    heat = unit_range(maps[i])
     caption = f'{titles[i]}\n' if titles is not None else ''
     grey = 'gray' if image.ndim == 2 else None
     for j, title in enumerate(('input', f'{caption}saliency (rescaled to [0, 1])',
