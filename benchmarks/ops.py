@@ -84,9 +84,12 @@ CONV_CASES = [
     ConvCase('224x224x3->64 7x7 s2 b8', (8, 224, 224, 3), 7, 64, 2, 'SAME'),
     ConvCase('227x227x3->96 11x11 s4 b8', (8, 227, 227, 3), 11, 96, 4, 'VALID'),
     # Maps smaller than the window (ResNet-18's last stage at 64x64 input): XLA's
-    # CPU conv takes a generic slow path; our forward and dX use im2col GEMMs.
+    # CPU conv takes a generic slow path; our forward is an im2col GEMM, our dX a
+    # col2im GEMM. 1x1 output under 5x5: LeNet-5's C5 (batch 128).
     ConvCase('2x2x512->512 3x3', (32, 2, 2, 512), 3, 512, 1, 'SAME'),
     ConvCase('4x4x256->512 3x3 s2', (32, 4, 4, 256), 3, 512, 2, 'SAME'),
+    ConvCase('1x1x512->512 3x3', (32, 1, 1, 512), 3, 512, 1, 'SAME'),
+    ConvCase('5x5x16->120 5x5 b128', (128, 5, 5, 16), 5, 120, 1, 'VALID'),
 ]
 
 # Compile time of jit(value_and_grad) of the conv: the issue's kernel-size sweep
@@ -270,8 +273,9 @@ def bench_dx(rounds: int):
     for name in names:
       if name == 'gemm' and (spec.kernel != (1,) * spec.nd or spec.groups != 1):
         continue
-      if name == 'im2col' and conv_grads.input_grad_rule(spec) != 'im2col':
-        continue   # its patch matrix is 9x dY: only for the small maps it is made for
+      if name in ('im2col', 'col2im') and conv_grads.input_grad_rule(spec) != 'col2im':
+        continue   # made for small maps: im2col's patch matrix is T x dXpad, col2im
+                   # adds T shifted copies
       fn = jax.jit(lambda ct, w, f=conv_grads.INPUT_GRADS[name]: f(ct, w, spec))
       contenders[name] = lambda fn=fn: fn(ct, w)
     t = measure(contenders, rounds)

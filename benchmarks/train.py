@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 # Run as a script from anywhere (`make bench` does not set PYTHONPATH).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # torch_twins
 if os.environ.get('CNN_JAX_TORCH_SITE'):
   sys.path.append(os.environ['CNN_JAX_TORCH_SITE'])
 
@@ -105,7 +106,7 @@ class Case:
 
 CASES = [
     # The real offline digits (1,437 train images, 32x32x1 float).
-    Case('lenet5', 'lenet5', (32, 32, 1), 64, 10, 'digits', 'pad_crop(2)', steps=20),
+    Case('lenet5', 'lenet5', (32, 32, 1), 128, 10, 'digits', 'pad_crop(2)', steps=20),
     # CIFAR-10 shaped: uint8 32x32x3, the standard pad-crop-flip-normalize.
     Case('resnet20', 'resnet20', (32, 32, 3), 128, 10, 'synthetic',
          'pad_crop(4)|flip|normalize(cifar10)', 2048),
@@ -114,6 +115,15 @@ CASES = [
          'pad_crop(8)|flip|normalize(imagenet)', 1024, steps=5),
     Case('resnet18_224', 'resnet18', (224, 224, 3), 16, 1000, 'synthetic',
          'pad_crop(16)|flip|normalize(imagenet)', 128, steps=5),
+    Case('vgg11_64', 'vgg11', (64, 64, 3), 16, 200, 'synthetic',
+         'pad_crop(8)|flip|normalize(imagenet)', 512, steps=5),
+    Case('googlenet_64', 'googlenet', (64, 64, 3), 8, 200, 'synthetic',
+         'pad_crop(8)|flip|normalize(imagenet)', 256, steps=5),
+    Case('googlenet_224', 'googlenet', (224, 224, 3), 8, 1000, 'synthetic',
+         'pad_crop(16)|flip|normalize(imagenet)', 64, steps=5),
+    # Mostly for the first step's compile time (the issue's resnet50 target).
+    Case('resnet50_224', 'resnet50', (224, 224, 3), 16, 1000, 'synthetic',
+         'pad_crop(16)|flip|normalize(imagenet)', 64, steps=3),
 ]
 CASES_BY_KEY = {c.key: c for c in CASES}
 
@@ -280,6 +290,7 @@ class JaxContender:
   conv: Any
   flax_pooling: bool = False
   compile_s: float = float('nan')
+  flops: float = float('nan')     # XLA's count for the compiled step
   num_params: int = 0
   step: Optional[Callable] = None
   state: Any = None
@@ -298,8 +309,48 @@ def build_jax(c: JaxContender, case: Case, batch0: Dict[str, jax.Array]):
     t0 = time.perf_counter()
     c.step = step.lower(state, batch0).compile()
     c.compile_s = time.perf_counter() - t0
+  c.flops = compiled_flops(c.step)
   c.state = state
   c.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+
+
+def compiled_flops(compiled) -> float:
+  """Floating-point operations of one call of a compiled step, by XLA's cost
+  analysis (a multiply-add counts 2), or nan where the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return float('nan')
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def matmul_peak(size: int = 2048, rounds: int = 5) -> Dict[str, float]:
+  """GFLOP/s of a float32 (size x size) @ (size x size) product: jnp.dot through
+  XLA, and torch.mm when torch is importable (min time of `rounds`)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((size, size), dtype=np.float32)
+  b = rng.standard_normal((size, size), dtype=np.float32)
+  flop = 2.0 * size ** 3
+
+  def best(fn):
+    fn()
+    fn()
+    ts = []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+    return flop / min(ts) / 1e9
+
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  dot = jax.jit(jnp.dot)
+  out = {'jax': best(lambda: jax.block_until_ready(dot(ja, jb)))}
+  if torch is not None:
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out['torch'] = best(lambda: torch.mm(ta, tb))
+  return out
 
 
 def run_jax_step(c: JaxContender, batch) -> float:
@@ -363,8 +414,30 @@ def torch_model(case: Case):
           s = F.pad(s, (0, 0, 0, 0, 0, self.extra))
       return F.relu(y + s)
 
+  class Bottleneck(tnn.Module):
+    # 1x1 reduce, 3x3 (stride here), 1x1 expand x4, projection 'B' shortcut.
+    expansion = 4
+
+    def __init__(self, c_in, width, stride, shortcut):
+      super().__init__()
+      del shortcut   # ResNet-50 always projects where the shape changes
+      c_out = 4 * width
+      self.conv1, self.bn1 = tnn.Conv2d(c_in, width, 1, bias=False), bn(width)
+      self.conv2 = tnn.Conv2d(width, width, 3, stride, 1, bias=False)
+      self.bn2 = bn(width)
+      self.conv3, self.bn3 = tnn.Conv2d(width, c_out, 1, bias=False), bn(c_out)
+      self.proj = None
+      if stride != 1 or c_in != c_out:
+        self.proj = tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=False), bn(c_out))
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = F.relu(self.bn2(self.conv2(y)))
+      y = self.bn3(self.conv3(y))
+      return F.relu(y + (x if self.proj is None else self.proj(x)))
+
   class ResNet(tnn.Module):
-    def __init__(self, c_in, classes, stem, widths, blocks, shortcut):
+    def __init__(self, c_in, classes, stem, widths, blocks, shortcut, block=Basic):
       super().__init__()
       if stem == 'imagenet':     # 7x7/2 conv, BN, ReLU, 3x3/2 max pool (pad 1)
         self.stem = tnn.Sequential(tnn.Conv2d(c_in, widths[0], 7, 2, 3, bias=False),
@@ -373,10 +446,11 @@ def torch_model(case: Case):
         self.stem = tnn.Sequential(tnn.Conv2d(c_in, widths[0], 3, 1, 1, bias=False),
                                    bn(widths[0]), tnn.ReLU())
       layers, c = [], widths[0]
+      expansion = getattr(block, 'expansion', 1)
       for i, (w, n) in enumerate(zip(widths, blocks)):
         for j in range(n):
-          layers.append(Basic(c, w, 2 if (i > 0 and j == 0) else 1, shortcut))
-          c = w
+          layers.append(block(c, w, 2 if (i > 0 and j == 0) else 1, shortcut))
+          c = w * expansion
       self.layers = tnn.Sequential(*layers)
       self.fc = tnn.Linear(c, classes)
 
@@ -391,6 +465,12 @@ def torch_model(case: Case):
     return ResNet(c_in, case.num_classes, 'cifar', (16, 32, 64), (3, 3, 3), 'A')
   if case.model == 'resnet18':
     return ResNet(c_in, case.num_classes, 'imagenet', (64, 128, 256, 512), (2, 2, 2, 2), 'B')
+  if case.model == 'resnet50':
+    return ResNet(c_in, case.num_classes, 'imagenet', (64, 128, 256, 512), (3, 4, 6, 3), 'B',
+                  block=Bottleneck)
+  import torch_twins  # pylint: disable=import-outside-toplevel  (benchmarks/)
+  if case.model in ('vgg11', 'googlenet'):
+    return getattr(torch_twins, case.model)(torch, c_in, case.num_classes, case.image[:2])
   raise ValueError(f'no torch twin of {case.model!r}')
 
 
@@ -408,7 +488,12 @@ def torch_step(case: Case, channels_last: bool):
 
   def step(x, y):
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    out = model(x)
+    if isinstance(out, (tuple, list)):   # GoogLeNet: main logits, then aux logits
+      ce = torch.nn.functional.cross_entropy
+      loss = ce(out[0], y) + 0.3 * sum(ce(o, y) for o in out[1:])   # as our aux_weight
+    else:
+      loss = torch.nn.functional.cross_entropy(out, y)
     loss.backward()
     opt.step()
     return loss
@@ -433,6 +518,7 @@ class Result:
   ms: Dict[str, float]            # median ms/step
   spread: Dict[str, float]        # max/min - 1 of the timed steps
   compile_s: Dict[str, float]
+  flops: float                    # per step: XLA's count for the nn.Conv step
   pipeline_iter: float            # images/s, iterated as the loop does (threads)
   pipeline_index: float           # images/s, loader[step] in this thread
   augment: str
@@ -467,6 +553,10 @@ def bench_case(case: Case, args) -> Result:
 
   times = {c.name: c.times for c in contenders}
   compile_s = {c.name: c.compile_s for c in contenders}
+  # The model's arithmetic: XLA's count for the nn.Conv step (its convolutions
+  # and their autodiff are counted exactly; ours hides its backward GEMMs in
+  # scan loops, which cost analysis counts once, not per trip).
+  flops = contenders[1].flops
   for c in contenders:            # free the states before torch runs
     c.state = c.step = None
 
@@ -489,7 +579,8 @@ def bench_case(case: Case, args) -> Result:
   spread = {k: max(v) / min(v) - 1 for k, v in times.items()}
   pipe_iter, pipe_index = pipeline_throughput(loader, batch, args.pipeline_seconds,
                                               min_batches=3)
-  return Result(case, ips, ms, spread, compile_s, pipe_iter, pipe_index, augment_desc)
+  return Result(case, ips, ms, spread, compile_s, flops, pipe_iter, pipe_index,
+                augment_desc)
 
 
 # ----------------------------------------------------------------------------
@@ -511,12 +602,22 @@ def _f(v: Optional[float], fmt='{:.1f}') -> str:
   return '-' if v is None else fmt.format(v)
 
 
-def report(r: Result):
+def gflops(r: Result, name: str) -> float:
+  """Achieved GFLOP/s of contender `name`: the model's FLOPs per step over its
+  median step time."""
+  return r.flops / (r.ms[name] / 1e3) / 1e9
+
+
+def report(r: Result, peak: Dict[str, float]):
   names = list(r.ips)
   rows = [[n, _f(r.ips[n]), _f(r.ms[n]), f'{100 * r.spread[n]:.0f}%',
-           _f(r.compile_s.get(n), '{:.1f}'), _f(r.ips['ours'] / r.ips[n], '{:.2f}')]
+           _f(r.compile_s.get(n), '{:.1f}'), _f(gflops(r, n)),
+           _f(100 * gflops(r, n) / peak['jax'], '{:.0f}%'),
+           _f(r.ips['ours'] / r.ips[n], '{:.2f}')]
           for n in names]
-  _table(['contender', 'images/s', 'ms/step', 'spread', 'compile s', 'ours/this'], rows)
+  print(f'{r.flops / 1e9:.2f} GFLOP per step ({r.flops / 1e9 / r.case.batch:.2f} per image)')
+  _table(['contender', 'images/s', 'ms/step', 'spread', 'compile s', 'GFLOP/s',
+          'of peak', 'ours/this'], rows)
   need = r.ips['ours']
   print(f'pipeline, images/s: iterated {r.pipeline_iter:.0f} = '
         f'{r.pipeline_iter / need:.1f}x, loader[step] {r.pipeline_index:.0f} = '
@@ -524,7 +625,7 @@ def report(r: Result):
         f'target >= 5x\n', flush=True)
 
 
-def summary(results: Sequence[Result]):
+def summary(results: Sequence[Result], peak: Dict[str, float]):
   have_torch = any('torch' in r.ips for r in results)
   have_plain = any('plain' in r.ips for r in results)
   header = ['model', 'batch', 'ours img/s', 'nn.Conv img/s']
@@ -532,7 +633,10 @@ def summary(results: Sequence[Result]):
   header += ['torch img/s'] if have_torch else []
   header += ['ours/nn.Conv'] + (['ours/plain'] if have_plain else [])
   header += ['ours/torch'] if have_torch else []
-  header += ['compile ours s', 'compile nn.Conv s', 'pipe iter img/s', 'iter/step',
+  header += ['GFLOP/s ours'] + (['GFLOP/s torch'] if have_torch else [])
+  header += ['compile ours s', 'compile nn.Conv s']
+  header += ['compile plain s', 'compile ours/plain'] if have_plain else []
+  header += ['pipe iter img/s', 'iter/step',
              'pipe index img/s', 'index/step']
   rows = []
   for r in results:
@@ -545,12 +649,20 @@ def summary(results: Sequence[Result]):
       row += [_f(ips['ours'] / ips['plain'], '{:.2f}') if 'plain' in ips else '-']
     if have_torch:
       row += [_f(ips['ours'] / ips['torch'], '{:.2f}') if 'torch' in ips else '-']
-    row += [_f(r.compile_s['ours']), _f(r.compile_s['nn.Conv']),
-            _f(r.pipeline_iter, '{:.0f}'), _f(r.pipeline_iter / ips['ours'], '{:.1f}x'),
+    row += [_f(gflops(r, 'ours'))]
+    row += [_f(gflops(r, 'torch')) if 'torch' in ips else '-'] if have_torch else []
+    row += [_f(r.compile_s['ours']), _f(r.compile_s['nn.Conv'])]
+    if have_plain:
+      row += [_f(r.compile_s.get('plain')),
+              _f(r.compile_s['ours'] / r.compile_s['plain'], '{:.2f}')
+              if 'plain' in r.compile_s else '-']
+    row += [_f(r.pipeline_iter, '{:.0f}'), _f(r.pipeline_iter / ips['ours'], '{:.1f}x'),
             _f(r.pipeline_index, '{:.0f}'), _f(r.pipeline_index / ips['ours'], '{:.1f}x')]
     rows.append(row)
   print('== summary: training step images/s (median), ratios ours/other (> 1: ours faster)')
   _table(header, rows)
+  print('matmul peak (float32 2048^3, same run): ' +
+        ', '.join(f'{k} {v:.1f} GFLOP/s' for k, v in peak.items()))
 
 
 def main(argv=None):
@@ -597,15 +709,18 @@ def main(argv=None):
   # One small jit first, so the first model's compile time carries no
   # backend start-up.
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(())))
+  peak = matmul_peak()
+  print('matmul peak (float32 2048^3): ' +
+        ', '.join(f'{k} {v:.1f} GFLOP/s' for k, v in peak.items()) + '\n', flush=True)
   results = []
   try:
     for key in keys:
       results.append(bench_case(CASES_BY_KEY[key], args))
-      report(results[-1])
+      report(results[-1], peak)
   finally:
     if tmp is not None:
       tmp.cleanup()
-  summary(results)
+  summary(results, peak)
   load = os.getloadavg()
   print(f'load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}')
 

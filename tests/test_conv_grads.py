@@ -131,7 +131,8 @@ def test_conv_backward_uses_the_rule_and_matches_autodiff(x64):
            ((2, 6, 6, 4), (1, 1, 4, 6), 2, 'VALID', 1, 1),     # gemm / gemm
            ((2, 9, 4), (3, 4, 4), 1, 'SAME', 1, 1),            # correlation / dilated
            ((2, 6, 6, 4), (3, 3, 1, 4), 1, 'SAME', 1, 4),      # depthwise: im2col
-           ((2, 2, 2, 4), (3, 3, 4, 4), 1, 'SAME', 1, 1)]      # small map: im2col Y, dX
+           ((2, 2, 2, 4), (3, 3, 4, 4), 1, 'SAME', 1, 1),      # small map: im2col Y, col2im dX
+           ((2, 5, 5, 4), (5, 5, 4, 6), 1, 'VALID', 1, 1)]     # 1x1 output (LeNet's C5)
   for xs, ws, s, p, d, g in cases:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(xs))
@@ -168,9 +169,10 @@ RULE = [
     (((32, 256, 64), (1, 64, 64), 1, 1), ('gemm', 'gemm')),
     (((8, 16, 16, 16, 32), (3, 3, 3, 32, 32), 1, 1), ('dilated', 'im2col')),
     (((8, 16, 16, 16, 32), (1, 1, 1, 32, 64), 2, 1), ('gemm', 'gemm')),
-    (((32, 2, 2, 512), (3, 3, 512, 512), 1, 1), ('im2col', 'im2col')),
-    (((32, 4, 4, 256), (3, 3, 256, 512), 2, 1), ('im2col', 'im2col')),
-    (((8, 4, 4, 256), (5, 5, 256, 256), 1, 1), ('im2col', 'im2col')),
+    (((32, 2, 2, 512), (3, 3, 512, 512), 1, 1), ('col2im', 'im2col')),
+    (((32, 4, 4, 256), (3, 3, 256, 512), 2, 1), ('col2im', 'im2col')),
+    (((8, 4, 4, 256), (5, 5, 256, 256), 1, 1), ('col2im', 'im2col')),
+    (((128, 1, 1, 120), (5, 5, 120, 120), 1, 1), ('col2im', 'im2col')),
 ]
 
 

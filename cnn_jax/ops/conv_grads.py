@@ -15,8 +15,9 @@ only in how the sums are laid out for the hardware; `input_grad` and
       otherwise (2-D/3-D k > 1, or -> weight_grad_im2col    (blocked patch GEMMs;
       any grouped/depthwise conv)     XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
-      2-D/3-D, dY smaller than the -> input_grad_im2col     (the notes' formula, its
-      kernel window                   conv as one im2col GEMM)
+      2-D/3-D, dY smaller than the -> input_grad_col2im     (the transpose of the
+      kernel window                   forward's im2col: one GEMM dY @ W^T, then
+                                      each tap's columns added back in place)
       otherwise                    -> input_grad_dilated    (the notes' formula;
                                       XLA's own dX, within ~1.2x of PyTorch)
   Y   2-D/3-D, X smaller than the  -> forward_im2col        (one im2col GEMM)
@@ -158,7 +159,9 @@ def input_grad_im2col(dy, w, spec):
   """The notes' dL/dX (as input_grad_dilated) with the convolution done by
   forward_im2col: dY dilated by the stride and padded (F_eff-1-lo, F_eff-1-hi+r)
   explicitly (lax.pad: interior padding dilates, negative padding crops), then
-  correlated with rot180(W), channels swapped. For small maps, like the forward."""
+  correlated with rot180(W), channels swapped. Kept and tested; input_grad_col2im
+  replaced it for small maps (2-100x faster there: its patch matrix is T times
+  the dilated, padded dY, mostly zeros; benchmarks/README.md)."""
   pads = [(0, 0, 0)]
   for k, d, s_, (lo, hi), r in zip(spec.kernel, spec.dilation, spec.stride, spec.padding,
                                    spec.remainder):
@@ -168,6 +171,44 @@ def input_grad_im2col(dy, w, spec):
   g = lax.pad(dy, jnp.zeros((), dy.dtype), pads)
   inner = _valid_spec(g.shape[1:-1], spec.kernel, spec.dilation, spec.groups)
   return forward_im2col(g, rotate_kernel(w, spec.nd, spec.groups), inner)
+
+
+def input_grad_col2im(dy, w, spec):
+  """dL/dX as the transpose of forward_im2col: dcols = dY @ W^T (one GEMM giving,
+  for every output position p and tap t, what p sends back through t), then
+  col2im: each tap's columns are added into dXpad at p*S + t*D, and the forward
+  padding is cropped. The same sums as the notes' formula (every dXpad[q]
+  collects dY[p] W[t] over the (p, t) with p*S + t*D = q), grouped by tap.
+
+  Each tap's placement is one lax.pad (low t*D, interior S-1); the T padded
+  terms are added in one fused pass over dXpad. For maps smaller than the
+  kernel window (1x1 maps under 3x3 or 5x5 kernels: LeNet-5's C5, ResNet's last
+  stage at small inputs) this is a small GEMM plus T cheap passes, where XLA's
+  CPU convolution takes its slow generic path and input_grad_im2col would build
+  a patch matrix T times the size of dXpad.
+  """
+  nd, g = spec.nd, spec.groups
+  n_taps = math.prod(spec.kernel)
+  c_in_g, c_out = w.shape[-2], w.shape[-1]
+  wt = w.reshape(n_taps, c_in_g, c_out).astype(dy.dtype)
+  if g == 1:
+    cols = jnp.einsum('...o,tio->...ti', dy, wt)              # (N, *out, T, C_in)
+  else:
+    dyg = dy.reshape(dy.shape[:-1] + (g, c_out // g))
+    cols = jnp.einsum('...go,tigo->...tgi', dyg, wt.reshape(n_taps, c_in_g, g, c_out // g))
+    cols = cols.reshape(cols.shape[:-2] + (g * c_in_g,))
+  padded = [sz + lo + hi for sz, (lo, hi) in zip(spec.in_spatial, spec.padding)]
+  zero = jnp.zeros((), cols.dtype)
+  dxpad = None
+  for i, tap in enumerate(_all_taps(spec.kernel)):
+    cfg = [(0, 0, 0)]
+    for t, d, s_, o, l in zip(tap, spec.dilation, spec.stride, spec.out_spatial, padded):
+      cfg.append((t * d, l - (t * d + (o - 1) * s_ + 1), s_ - 1))
+    cfg.append((0, 0, 0))
+    term = lax.pad(cols[..., i, :], zero, cfg)
+    dxpad = term if dxpad is None else dxpad + term
+  crop = tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(spec.in_spatial, spec.padding))
+  return dxpad[(slice(None),) + crop]
 
 
 def _phase(a, k, s, d, p_out, m_out):
@@ -415,6 +456,7 @@ INPUT_GRADS = {
     'phases': input_grad_phases,
     'gemm': input_grad_gemm,
     'im2col': input_grad_im2col,
+    'col2im': input_grad_col2im,
 }
 
 FORWARDS = {
@@ -453,7 +495,7 @@ def input_grad_rule(spec) -> str:
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.out_spatial, spec):
-    return 'im2col'
+    return 'col2im'
   return 'dilated'
 
 
