@@ -52,6 +52,10 @@ GRID = [
     ((2, 4, 5, 3, 3), (3, 1, 2, 3, 2), (2, 1, 1), 'VALID', 1, 1),
     ((1, 4, 4, 5, 4), (1, 1, 1, 4, 3), (1, 1, 2), 'SAME', 1, 1),
     ((1, 5, 5, 4, 3), (3, 3, 3, 1, 3), 1, 'SAME', 1, 3),
+    # One input channel per group (the depthwise rule's class): pure depthwise,
+    # strided, dilated and unevenly padded; a 1-channel input (LeNet's C1).
+    ((2, 9, 8, 6), (3, 3, 1, 6), 2, [(1, 2), (0, 1)], (1, 2), 6),
+    ((2, 9, 9, 1), (5, 5, 1, 6), 1, 'VALID', 1, 1),
     # Maps smaller than the window (the im2col forward and dX rule's class).
     ((2, 2, 2, 4), (3, 3, 4, 5), 1, 'SAME', 1, 1),
     ((2, 1, 3, 4), (3, 3, 2, 6), 2, [(1, 1), (2, 0)], (1, 2), 2),
@@ -71,8 +75,9 @@ def _formulations(spec, n):
   """(name, fn(dy or x, w or dy) -> grad) for every formulation that applies."""
   dx = {f'dx/{k}': f for k, f in conv_grads.INPUT_GRADS.items()
         if k != 'gemm' or (_is_1x1(spec) and spec.groups == 1)}
+  depthwise = spec.channels[0] == spec.channels[1] == spec.groups
   dw = {f'dw/{k}': f for k, f in conv_grads.WEIGHT_GRADS.items()
-        if k != 'gemm' or _is_1x1(spec)}
+        if (k != 'gemm' or _is_1x1(spec)) and (k != 'depthwise' or depthwise)}
   # The blocked im2col at its extremes: one image per step and the whole batch.
   dw['dw/im2col-chunk1'] = lambda x, dy, s: conv_grads.weight_grad_im2col(x, dy, s, chunk=1)
   dw[f'dw/im2col-chunk{n}'] = lambda x, dy, s: conv_grads.weight_grad_im2col(x, dy, s, chunk=n)
@@ -97,6 +102,8 @@ def _check_case(case, dtype, tol):
     ref_dx, ref_dw = vjp(dy)
     got = {k: f(dy, w, spec) for k, f in dx_forms.items()}
     got['y/im2col'] = conv_grads.forward_im2col(x, w, spec)
+    if spec.channels[0] == spec.groups:
+      got['y/depthwise'] = conv_grads.forward_depthwise(x, w, spec)
     got['y/ref'] = ref(x, w)
     got.update({k: f(x, dy, spec) for k, f in dw_forms.items()})
     return ref_dx, ref_dw, got
@@ -130,7 +137,7 @@ def test_conv_backward_uses_the_rule_and_matches_autodiff(x64):
   cases = [((2, 6, 6, 4), (3, 3, 4, 4), 2, 'SAME', 1, 1),      # im2col / dilated
            ((2, 6, 6, 4), (1, 1, 4, 6), 2, 'VALID', 1, 1),     # gemm / gemm
            ((2, 9, 4), (3, 4, 4), 1, 'SAME', 1, 1),            # correlation / dilated
-           ((2, 6, 6, 4), (3, 3, 1, 4), 1, 'SAME', 1, 4),      # depthwise: im2col
+           ((2, 6, 6, 4), (3, 3, 1, 4), 1, 'SAME', 1, 4),      # depthwise: all three
            ((2, 2, 2, 4), (3, 3, 4, 4), 1, 'SAME', 1, 1),      # small map: im2col Y, col2im dX
            ((2, 5, 5, 4), (5, 5, 4, 6), 1, 'VALID', 1, 1)]     # 1x1 output (LeNet's C5)
   for xs, ws, s, p, d, g in cases:
@@ -162,7 +169,7 @@ RULE = [
     (((32, 32, 32, 64), (1, 1, 64, 256), 1, 1), ('gemm', 'gemm')),
     (((32, 32, 32, 64), (1, 1, 64, 128), 2, 1), ('gemm', 'gemm')),
     (((32, 32, 32, 64), (1, 1, 16, 128), 1, 4), ('dilated', 'gemm')),
-    (((32, 32, 32, 64), (3, 3, 1, 64), 1, 64), ('dilated', 'im2col')),
+    (((32, 32, 32, 64), (3, 3, 1, 64), 1, 64), ('col2im', 'depthwise')),
     (((32, 32, 32, 64), (3, 3, 32, 64), 1, 2), ('dilated', 'im2col')),
     (((32, 256, 64), (5, 64, 64), 2, 1), ('dilated', 'correlation')),
     (((32, 256, 64), (5, 16, 64), 1, 4), ('dilated', 'im2col')),
@@ -173,6 +180,10 @@ RULE = [
     (((32, 4, 4, 256), (3, 3, 256, 512), 2, 1), ('col2im', 'im2col')),
     (((8, 4, 4, 256), (5, 5, 256, 256), 1, 1), ('col2im', 'im2col')),
     (((128, 1, 1, 120), (5, 5, 120, 120), 1, 1), ('col2im', 'im2col')),
+    (((32, 32, 32, 64), (3, 3, 1, 64), 2, 64), ('col2im', 'depthwise')),
+    (((32, 32, 32, 64), (3, 3, 1, 128), 1, 64), ('col2im', 'im2col')),
+    (((128, 32, 32, 1), (5, 5, 1, 6), 1, 1), ('col2im', 'im2col')),
+    (((32, 256, 64), (5, 1, 64), 1, 64), ('col2im', 'depthwise')),
 ]
 
 
@@ -183,9 +194,12 @@ RULE = [
     ((32, 4, 4, 256), (1, 1, 256, 512), 1, 'xla'),
     ((32, 32, 32, 64), (3, 3, 64, 64), 1, 'xla'),
     ((32, 2, 64), (3, 64, 64), 1, 'xla'),
+    ((32, 32, 32, 1), (5, 5, 1, 6), 1, 'depthwise'),
+    ((32, 2, 2, 64), (3, 3, 1, 64), 1, 'depthwise'),
 ])
 def test_forward_rule(xs, ws, stride, expected):
-  spec = conv_mod.make_spec(xs, ws, stride=stride, padding='SAME')
+  groups = xs[-1] // ws[-2]
+  spec = conv_mod.make_spec(xs, ws, stride=stride, padding='SAME', groups=groups)
   assert conv_grads.forward_rule(spec) == expected
 
 

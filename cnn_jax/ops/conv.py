@@ -41,6 +41,7 @@ class ConvSpec(NamedTuple):
   in_spatial: Tuple[int, ...]     # spatial size of the conv's input
   kernel: Tuple[int, ...]
   out_spatial: Tuple[int, ...]    # spatial size of the conv's output
+  channels: Tuple[int, int] = (0, 0)   # (C_in, C_out); (0, 0) where not known
 
   @property
   def remainder(self) -> Tuple[int, ...]:
@@ -90,7 +91,8 @@ def make_spec(x_shape, w_shape, *, stride=1, padding='VALID', dilation=1, groups
   in_spatial = tuple(int(n) for n in x_shape[1:-1])
   pads = shapes.resolve_padding(padding, in_spatial, kernel, stride, dilation, op=op)
   out_spatial = shapes.output_spatial(in_spatial, kernel, stride, pads, dilation, op=op)
-  return ConvSpec(nd, stride, pads, dilation, groups, in_spatial, kernel, out_spatial)
+  return ConvSpec(nd, stride, pads, dilation, groups, in_spatial, kernel, out_spatial,
+                  (int(c_in), int(c_out)))
 
 
 # ----------------------------------------------------------------------------
@@ -100,12 +102,15 @@ def make_spec(x_shape, w_shape, *, stride=1, padding='VALID', dilation=1, groups
 def forward(x, w, spec: ConvSpec):
   """Y = X (*) W: cross-correlation with stride, padding, dilation and groups.
 
-  XLA's convolution, except for maps smaller than the kernel window, where XLA's
-  CPU backend takes a slow generic path: there one im2col GEMM
-  (`conv_grads.forward_rule`, `conv_grads.forward_im2col`).
+  XLA's convolution, except where XLA's CPU backend takes a slow generic path
+  (`conv_grads.forward_rule`): maps smaller than the kernel window (one im2col
+  GEMM, `conv_grads.forward_im2col`) and one input channel per group, i.e.
+  depthwise convs and 1-channel inputs (broadcast products summed over taps,
+  `conv_grads.forward_depthwise`).
   """
-  if conv_grads.forward_rule(spec) == 'im2col':
-    return conv_grads.forward_im2col(x, w, spec)
+  rule = conv_grads.forward_rule(spec)
+  if rule != 'xla':
+    return conv_grads.FORWARDS[rule](x, w, spec)
   return lax.conv_general_dilated(
       x, w, window_strides=spec.stride, padding=spec.padding,
       rhs_dilation=spec.dilation, dimension_numbers=conv_grads.dimension_numbers(spec.nd),
@@ -242,7 +247,8 @@ def transpose_spec(x_shape, w_shape, *, stride, padding, dilation, groups,
         f'groups={groups}: need C_in and C_out divisible by groups and kernel shape '
         f'(*kernel_size, {c_in // max(groups, 1)}, C_out).')
   # The forward conv maps the transposed output (C_out channels) back to x.
-  fwd = ConvSpec(nd, stride, pads, dilation, groups, out_spatial, kernel, in_spatial)
+  fwd = ConvSpec(nd, stride, pads, dilation, groups, out_spatial, kernel, in_spatial,
+                 (int(c_out), int(c_in)))
   expected = shapes.output_spatial(out_spatial, kernel, stride, pads, dilation, op=op)
   if expected != in_spatial:  # pragma: no cover - guarded by the checks above
     raise ValueError(f'{op}: inconsistent shapes {expected} vs {in_spatial}.')

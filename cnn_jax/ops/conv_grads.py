@@ -10,20 +10,28 @@ only in how the sums are laid out for the hardware; `input_grad` and
 `weight_grad` pick one by a fixed rule on the shape class (never by timing):
 
   dW  1x1 kernel                   -> weight_grad_gemm      (one GEMM per group)
+      depthwise (C_in = C_out =    -> weight_grad_depthwise (per tap, one fused
+      groups), k > 1                  multiply-and-reduce)
       1-D, groups == 1             -> weight_grad_correlation (one XLA conv: XLA's
                                       own dW, which is fast in 1-D only)
       otherwise (2-D/3-D k > 1, or -> weight_grad_im2col    (blocked patch GEMMs;
-      any grouped/depthwise conv)     XLA's grouped dW is 10-300x slower)
+      any other grouped conv)         XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
-      2-D/3-D, dY smaller than the -> input_grad_col2im     (the transpose of the
-      kernel window                   forward's im2col: one GEMM dY @ W^T, then
-                                      each tap's columns added back in place)
+      one input channel per group  -> input_grad_col2im     (the transpose of the
+      (depthwise, 1-channel input),   forward's im2col: one GEMM dY @ W^T, then
+      k > 1; or 2-D/3-D with dY       each tap's columns added back in place)
+      smaller than the kernel window
       otherwise                    -> input_grad_dilated    (the notes' formula;
                                       XLA's own dX, within ~1.2x of PyTorch)
-  Y   2-D/3-D, X smaller than the  -> forward_im2col        (one im2col GEMM)
+  Y   one input channel per group, -> forward_depthwise     (broadcast products
+      k > 1                           summed over taps, one fused pass)
+      2-D/3-D, X smaller than the  -> forward_im2col        (one im2col GEMM)
       kernel window (k > 1)
       otherwise                    -> XLA's convolution
 
+XLA's CPU convolution has no fast path for one input channel per group: a 3x3
+depthwise conv on 32x32x64 (batch 32) runs ~150 ms forward and ~150 ms dX there,
+~5 ms each as broadcast products and col2im.
 Maps smaller than the kernel window (ResNet-18's 2x2 maps under 3x3 kernels at
 64x64 input) send XLA's CPU convolution down a generic path at ~0.5 GFLOP/s
 (benchmarks/README.md); there the patch matrix is small and one GEMM is fast.
@@ -126,6 +134,23 @@ def forward_im2col(x, w, spec):
   cols = cols.reshape(cols.shape[:-1] + (g, c_in // g))
   wt = wt.reshape(len(taps), c_in // g, g, c_out // g)
   y = jnp.einsum('...tgc,tcgo->...go', cols, wt)
+  return y.reshape(y.shape[:-2] + (c_out,))
+
+
+def forward_depthwise(x, w, spec):
+  """Y for one input channel per group (depthwise convs, and single-channel inputs
+  such as LeNet-5's C1 on grayscale): Y[p, c*m + j] = sum_t Xpad[p*S + t*D, c]
+  W[t, 0, c*m + j], a sum over taps of broadcast products that XLA fuses into one
+  elementwise pass. XLA's CPU convolution has no fast path for these: a 3x3
+  depthwise conv on 32x32x64 (batch 32) takes ~150 ms there, ~5 ms here.
+  """
+  g, c_out = spec.groups, w.shape[-1]
+  m = c_out // g
+  xpad = pad_input(x, spec)
+  y = None
+  for i, tap in enumerate(_all_taps(spec.kernel)):
+    term = tap_slice(xpad, tap, spec)[..., None] * w[tap].reshape(g, m).astype(x.dtype)
+    y = term if y is None else y + term
   return y.reshape(y.shape[:-2] + (c_out,))
 
 
@@ -311,6 +336,39 @@ def weight_grad_correlation(x, dy, spec):
       batch_group_count=spec.groups)
 
 
+def _tap_offsets(t, spec):
+  """Xpad offsets (t_1*D_1, ..., t_nd*D_nd) of flat tap index t (traced, row-major
+  over the kernel), for dynamic slicing inside a loop over the taps."""
+  starts, rest = [], t
+  for k, d in zip(reversed(spec.kernel), reversed(spec.dilation)):
+    starts.append(lax.rem(rest, k) * d)    # lax.rem/div: no sign fix-ups
+    rest = lax.div(rest, k)
+  return starts[::-1]
+
+
+def weight_grad_depthwise(x, dy, spec):
+  """dW for depthwise convs (one input and one output channel per group):
+  dW[t, 0, c] = sum_{n, p} Xpad[n, p*S + t*D, c] dY[n, p, c], per tap one fused
+  multiply-and-reduce over batch and positions (the per-group GEMMs of im2col
+  and correlation degenerate to dot products here). A lax.fori_loop over the
+  taps keeps one reduce kernel whatever the kernel size (unrolled, a 7x7 took
+  11.6 s to compile and ran 5x slower)."""
+  n_taps = math.prod(spec.kernel)
+  xpad = pad_input(x, spec)
+  axes = tuple(range(dy.ndim - 1))
+  span = [(o - 1) * s_ + 1 for o, s_ in zip(spec.out_spatial, spec.stride)]
+
+  def row(t, acc):
+    zero = jnp.zeros_like(t)
+    win = lax.dynamic_slice(xpad, [zero] + _tap_offsets(t, spec) + [zero],
+                            (xpad.shape[0], *span, xpad.shape[-1]))
+    win = lax.slice(win, [0] * win.ndim, win.shape, (1, *spec.stride, 1))
+    return lax.dynamic_update_index_in_dim(acc, jnp.sum(win * dy, axis=axes), t, 0)
+
+  acc = lax.fori_loop(0, n_taps, row, jnp.zeros((n_taps, dy.shape[-1]), jnp.result_type(x, dy)))
+  return acc.reshape(*spec.kernel, 1, dy.shape[-1])
+
+
 def weight_grad_taps(x, dy, spec):
   """One GEMM per kernel tap: dW[t] = Xpad[tap t]^T @ dY over all N*positions."""
   g = spec.groups
@@ -397,11 +455,7 @@ def weight_grad_im2col(x, dy, spec, chunk: int | None = None):
   def tap_window(xb, t):
     """(C_in, chunk, *O): Xpad[p*S + tap*D] for flat tap index t (traced)."""
     zero = jnp.zeros_like(t)                 # the loop index's int type (x64 aware)
-    starts, rest = [], t
-    for k, d in zip(reversed(spec.kernel), reversed(spec.dilation)):
-      starts.append(lax.rem(rest, k) * d)    # lax.rem/div: no sign fix-ups
-      rest = lax.div(rest, k)
-    win = lax.dynamic_slice(xb, [zero, zero] + starts[::-1], (c_in, chunk, *span))
+    win = lax.dynamic_slice(xb, [zero, zero] + _tap_offsets(t, spec), (c_in, chunk, *span))
     return lax.slice(win, [0] * win.ndim, win.shape, (1, 1, *spec.stride))
 
   def step(acc, block):
@@ -462,6 +516,7 @@ INPUT_GRADS = {
 FORWARDS = {
     'xla': None,               # lax.conv_general_dilated (cnn_jax.ops.conv.forward)
     'im2col': forward_im2col,
+    'depthwise': forward_depthwise,
 }
 
 WEIGHT_GRADS = {
@@ -470,6 +525,7 @@ WEIGHT_GRADS = {
     'gemm': weight_grad_gemm,
     'im2col': weight_grad_im2col,
     'im2col_unrolled': weight_grad_im2col_unrolled,
+    'depthwise': weight_grad_depthwise,
 }
 
 
@@ -483,8 +539,15 @@ def _smaller_than_window(spatial, spec) -> bool:
              for n, k, d in zip(spatial, spec.kernel, spec.dilation))
 
 
+def _one_channel_per_group(spec) -> bool:
+  """Each group reads one input channel (depthwise convs; 1-channel inputs)."""
+  return spec.channels[0] == spec.groups
+
+
 def forward_rule(spec) -> str:
   """Name of the forward formulation for this shape class (see module docstring)."""
+  if not _is_1x1(spec) and _one_channel_per_group(spec):
+    return 'depthwise'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.in_spatial, spec):
     return 'im2col'
   return 'xla'
@@ -494,6 +557,8 @@ def input_grad_rule(spec) -> str:
   """Name of the dL/dX formulation for this shape class (see module docstring)."""
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
+  if not _is_1x1(spec) and _one_channel_per_group(spec):
+    return 'col2im'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.out_spatial, spec):
     return 'col2im'
   return 'dilated'
@@ -503,6 +568,8 @@ def weight_grad_rule(spec) -> str:
   """Name of the dL/dW formulation for this shape class (see module docstring)."""
   if _is_1x1(spec):
     return 'gemm'
+  if spec.channels[0] == spec.channels[1] == spec.groups:
+    return 'depthwise'
   if spec.nd == 1 and spec.groups == 1:
     return 'correlation'
   return 'im2col'
