@@ -81,6 +81,8 @@ try:
 except ImportError:
   torch = None
 
+import torch_twins  # noqa: E402  (benchmarks/torch_twins.py; imports torch lazily)
+
 try:   # seeded augmentation specs ('pad_crop(4)|flip|normalize(cifar10)')
   from cnn_jax.data import augment as cnn_augment
 except ImportError:
@@ -102,6 +104,7 @@ class Case:
   augment: str                    # augmentation spec for cnn_jax.data.augment
   synthetic_size: int = 0         # images in the in-memory uint8 source
   steps: int = 10                 # timed steps per contender (--steps overrides)
+  model_kwargs: Tuple[Tuple[str, Any], ...] = ()   # registry overrides (and the twin's)
 
 
 CASES = [
@@ -117,8 +120,11 @@ CASES = [
          'pad_crop(16)|flip|normalize(imagenet)', 128, steps=5),
     Case('vgg11_64', 'vgg11', (64, 64, 3), 16, 200, 'synthetic',
          'pad_crop(8)|flip|normalize(imagenet)', 512, steps=5),
+    # At 64x64 stage 4's maps are 4x4, smaller than the aux heads' 5x5/3 pool:
+    # the aux heads pool adaptively to 4x4 instead (same parameter tree).
     Case('googlenet_64', 'googlenet', (64, 64, 3), 8, 200, 'synthetic',
-         'pad_crop(8)|flip|normalize(imagenet)', 256, steps=5),
+         'pad_crop(8)|flip|normalize(imagenet)', 256, steps=5,
+         model_kwargs=(('aux_pool_size', (4, 4)),)),
     Case('googlenet_224', 'googlenet', (224, 224, 3), 8, 1000, 'synthetic',
          'pad_crop(16)|flip|normalize(imagenet)', 64, steps=5),
     # Mostly for the first step's compile time (the issue's resnet50 target).
@@ -299,7 +305,8 @@ class JaxContender:
 
 def build_jax(c: JaxContender, case: Case, batch0: Dict[str, jax.Array]):
   """Init state, then trace+lower+compile the step (timed as compile_s)."""
-  model = get_model(case.model, num_classes=case.num_classes, conv=c.conv)
+  model = get_model(case.model, num_classes=case.num_classes, conv=c.conv,
+                    **dict(case.model_kwargs))
   tx, schedule = cnn_train.make_optimizer(OPTIMIZER)
   ctx = _flax_pooling() if c.flax_pooling else contextlib.nullcontext()
   with ctx:
@@ -369,6 +376,7 @@ def torch_model(case: Case):
   padding, shortcuts and BN settings)."""
   tnn = torch.nn
   F = torch.nn.functional
+  assert not case.model_kwargs or case.model in torch_twins.TWINS, case
 
   def bn(c):       # flax momentum 0.9 == torch 0.1; eps 1e-5 both
     return tnn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
@@ -468,9 +476,9 @@ def torch_model(case: Case):
   if case.model == 'resnet50':
     return ResNet(c_in, case.num_classes, 'imagenet', (64, 128, 256, 512), (3, 4, 6, 3), 'B',
                   block=Bottleneck)
-  import torch_twins  # pylint: disable=import-outside-toplevel  (benchmarks/)
   if case.model in ('vgg11', 'googlenet'):
-    return getattr(torch_twins, case.model)(torch, c_in, case.num_classes, case.image[:2])
+    return torch_twins.TWINS[case.model](torch, c_in, case.num_classes, case.image[:2],
+                                         **dict(case.model_kwargs))
   raise ValueError(f'no torch twin of {case.model!r}')
 
 
@@ -488,12 +496,9 @@ def torch_step(case: Case, channels_last: bool):
 
   def step(x, y):
     opt.zero_grad(set_to_none=True)
-    out = model(x)
-    if isinstance(out, (tuple, list)):   # GoogLeNet: main logits, then aux logits
-      ce = torch.nn.functional.cross_entropy
-      loss = ce(out[0], y) + 0.3 * sum(ce(o, y) for o in out[1:])   # as our aux_weight
-    else:
-      loss = torch.nn.functional.cross_entropy(out, y)
+    # GoogLeNet's twin returns (logits, aux1, aux2) in training: CE + 0.3 * aux CEs,
+    # as our train step's loss.
+    loss = torch_twins.loss(torch, model(x), y)
     loss.backward()
     opt.step()
     return loss

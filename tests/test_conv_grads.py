@@ -184,6 +184,12 @@ RULE = [
     (((32, 32, 32, 64), (3, 3, 1, 128), 1, 64), ('col2im', 'im2col')),
     (((128, 32, 32, 1), (5, 5, 1, 6), 1, 1), ('col2im', 'im2col')),
     (((32, 256, 64), (5, 1, 64), 1, 64), ('col2im', 'depthwise')),
+    (((128, 14, 14, 6), (5, 5, 6, 16), 1, 1), ('col2im', 'im2col')),      # LeNet's C3
+    (((32, 56, 56, 3), (3, 3, 3, 64), 1, 1), ('col2im', 'im2col')),
+    (((32, 16, 16, 8), (3, 3, 8, 32), 1, 1), ('dilated', 'im2col')),
+    (((32, 16, 16, 16), (3, 3, 4, 32), 1, 4), ('col2im', 'im2col')),
+    (((8, 227, 227, 3), (11, 11, 3, 96), 4, 1), ('dilated', 'im2col')),   # > 49 taps
+    (((8, 224, 224, 3), (7, 7, 3, 64), 2, 1), ('col2im', 'im2col')),
 ]
 
 
@@ -211,7 +217,7 @@ def test_rule_picks_the_expected_formulation(args, expected):
 
 
 def test_dispatch_calls_the_named_formulation(monkeypatch):
-  spec = conv_mod.make_spec((2, 5, 5, 3), (3, 3, 3, 4), padding='SAME')
+  spec = conv_mod.make_spec((2, 5, 5, 8), (3, 3, 8, 4), padding='SAME')   # dilated, im2col
   calls = []
   monkeypatch.setitem(conv_grads.INPUT_GRADS, 'dilated', lambda *a: calls.append('dx'))
   monkeypatch.setitem(conv_grads.WEIGHT_GRADS, 'im2col', lambda *a: calls.append('dw'))

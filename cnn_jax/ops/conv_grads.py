@@ -17,21 +17,23 @@ only in how the sums are laid out for the hardware; `input_grad` and
       otherwise (2-D/3-D k > 1, or -> weight_grad_im2col    (blocked patch GEMMs;
       any other grouped conv)         XLA's grouped dW is 10-300x slower)
   dX  1x1 kernel, groups == 1      -> input_grad_gemm       (GEMM, then scatter)
-      one input channel per group  -> input_grad_col2im     (the transpose of the
-      (depthwise, 1-channel input),   forward's im2col: one GEMM dY @ W^T, then
-      k > 1; or 2-D/3-D with dY       each tap's columns added back in place)
-      smaller than the kernel window
+      1 < T <= 49 taps and <= 6    -> input_grad_col2im     (the transpose of the
+      input channels per group        forward's im2col: one GEMM dY @ W^T, then
+      (depthwise, gray/RGB inputs,    each tap's columns added back in place)
+      LeNet's C3); or 2-D/3-D with
+      dY smaller than the window
       otherwise                    -> input_grad_dilated    (the notes' formula;
                                       XLA's own dX, within ~1.2x of PyTorch)
   Y   one input channel per group, -> forward_depthwise     (broadcast products
-      k > 1                           summed over taps, one fused pass)
+      k > 1                           accumulated in a loop over the taps)
       2-D/3-D, X smaller than the  -> forward_im2col        (one im2col GEMM)
       kernel window (k > 1)
       otherwise                    -> XLA's convolution
 
 XLA's CPU convolution has no fast path for one input channel per group: a 3x3
 depthwise conv on 32x32x64 (batch 32) runs ~150 ms forward and ~150 ms dX there,
-~5 ms each as broadcast products and col2im.
+~5 ms each as broadcast products and col2im. Its dX convolution is also slow
+when it produces only a few channels (COL2IM_MAX_IN_CHANNELS).
 Maps smaller than the kernel window (ResNet-18's 2x2 maps under 3x3 kernels at
 64x64 input) send XLA's CPU convolution down a generic path at ~0.5 GFLOP/s
 (benchmarks/README.md); there the patch matrix is small and one GEMM is fast.
@@ -109,6 +111,26 @@ def tap_slice(xpad, tap, spec, first_spatial_axis: int = 1):
   return lax.slice(xpad, start, limit, strides)
 
 
+def _tap_offsets(t, spec):
+  """Xpad offsets (t_1*D_1, ..., t_nd*D_nd) of flat tap index t (traced, row-major
+  over the kernel), for dynamic slicing inside a loop over the taps."""
+  starts, rest = [], t
+  for k, d in zip(reversed(spec.kernel), reversed(spec.dilation)):
+    starts.append(lax.rem(rest, k) * d)    # lax.rem/div: no sign fix-ups
+    rest = lax.div(rest, k)
+  return starts[::-1]
+
+
+def _tap_window(xpad, t, spec):
+  """(N, *out, C): Xpad[n, p*S + tap*D, c] for flat tap index t (traced), channels
+  last: a dynamic slice at the tap's offset, then the static stride."""
+  zero = jnp.zeros_like(t)
+  span = [(o - 1) * s_ + 1 for o, s_ in zip(spec.out_spatial, spec.stride)]
+  win = lax.dynamic_slice(xpad, [zero] + _tap_offsets(t, spec) + [zero],
+                          (xpad.shape[0], *span, xpad.shape[-1]))
+  return lax.slice(win, [0] * win.ndim, win.shape, (1, *spec.stride, 1))
+
+
 # ----------------------------------------------------------------------------
 # Y (the forward product), for small maps
 # ----------------------------------------------------------------------------
@@ -140,17 +162,27 @@ def forward_im2col(x, w, spec):
 def forward_depthwise(x, w, spec):
   """Y for one input channel per group (depthwise convs, and single-channel inputs
   such as LeNet-5's C1 on grayscale): Y[p, c*m + j] = sum_t Xpad[p*S + t*D, c]
-  W[t, 0, c*m + j], a sum over taps of broadcast products that XLA fuses into one
-  elementwise pass. XLA's CPU convolution has no fast path for these: a 3x3
-  depthwise conv on 32x32x64 (batch 32) takes ~150 ms there, ~5 ms here.
+  W[t, 0, c*m + j], broadcast products accumulated over the taps. XLA's CPU
+  convolution has no fast path for these: a 3x3 depthwise conv on 32x32x64
+  (batch 32) takes ~150 ms there, ~5 ms here.
+
+  The taps are a lax.fori_loop (dynamic slice at the tap's offset, strided
+  slice, multiply-add), not T unrolled terms: unrolled, XLA split the sum into
+  pieces fused with whatever consumed Y (a reduction pulled the adds into a slow
+  YNNPACK fusion), and LeNet-5's training step ran 1.8x slower than with the
+  loop; the loop body is one kernel whatever follows, and whatever the kernel size.
   """
   g, c_out = spec.groups, w.shape[-1]
   m = c_out // g
+  n_taps = math.prod(spec.kernel)
   xpad = pad_input(x, spec)
-  y = None
-  for i, tap in enumerate(_all_taps(spec.kernel)):
-    term = tap_slice(xpad, tap, spec)[..., None] * w[tap].reshape(g, m).astype(x.dtype)
-    y = term if y is None else y + term
+  wt = w.reshape(n_taps, g, m).astype(x.dtype)
+
+  def tap(t, y):
+    win = _tap_window(xpad, t, spec)[..., None]             # (N, *out, g, 1)
+    return y + win * lax.dynamic_index_in_dim(wt, t, keepdims=False)
+
+  y = lax.fori_loop(0, n_taps, tap, jnp.zeros((x.shape[0], *spec.out_spatial, g, m), x.dtype))
   return y.reshape(y.shape[:-2] + (c_out,))
 
 
@@ -336,16 +368,6 @@ def weight_grad_correlation(x, dy, spec):
       batch_group_count=spec.groups)
 
 
-def _tap_offsets(t, spec):
-  """Xpad offsets (t_1*D_1, ..., t_nd*D_nd) of flat tap index t (traced, row-major
-  over the kernel), for dynamic slicing inside a loop over the taps."""
-  starts, rest = [], t
-  for k, d in zip(reversed(spec.kernel), reversed(spec.dilation)):
-    starts.append(lax.rem(rest, k) * d)    # lax.rem/div: no sign fix-ups
-    rest = lax.div(rest, k)
-  return starts[::-1]
-
-
 def weight_grad_depthwise(x, dy, spec):
   """dW for depthwise convs (one input and one output channel per group):
   dW[t, 0, c] = sum_{n, p} Xpad[n, p*S + t*D, c] dY[n, p, c], per tap one fused
@@ -356,13 +378,9 @@ def weight_grad_depthwise(x, dy, spec):
   n_taps = math.prod(spec.kernel)
   xpad = pad_input(x, spec)
   axes = tuple(range(dy.ndim - 1))
-  span = [(o - 1) * s_ + 1 for o, s_ in zip(spec.out_spatial, spec.stride)]
 
   def row(t, acc):
-    zero = jnp.zeros_like(t)
-    win = lax.dynamic_slice(xpad, [zero] + _tap_offsets(t, spec) + [zero],
-                            (xpad.shape[0], *span, xpad.shape[-1]))
-    win = lax.slice(win, [0] * win.ndim, win.shape, (1, *spec.stride, 1))
+    win = _tap_window(xpad, t, spec)
     return lax.dynamic_update_index_in_dim(acc, jnp.sum(win * dy, axis=axes), t, 0)
 
   acc = lax.fori_loop(0, n_taps, row, jnp.zeros((n_taps, dy.shape[-1]), jnp.result_type(x, dy)))
@@ -544,6 +562,22 @@ def _one_channel_per_group(spec) -> bool:
   return spec.channels[0] == spec.groups
 
 
+# Below this many input channels per group, XLA's dX convolution (which produces
+# the C_in channels) runs far under its GEMM speed and col2im wins: LeNet-5's C3
+# (6 channels) 7.2 vs 11.5 ms, 4 channels 8.2 vs 25.9 ms; at 8 and 16 channels
+# XLA's is faster again (benchmarks/README.md).
+COL2IM_MAX_IN_CHANNELS = 6
+# ... and up to 7x7 kernels: col2im adds one shifted copy per tap, unrolled. At
+# 11x11 (AlexNet's conv1, 3 channels) it ran no faster than XLA's (348 vs 338
+# ms) and took 3.0 s to compile against 0.4; at 7x7 s2 it ran 207 vs 440 ms.
+COL2IM_MAX_TAPS = 49
+
+
+def _few_input_channels(spec) -> bool:
+  return (0 < spec.channels[0] // spec.groups <= COL2IM_MAX_IN_CHANNELS
+          and math.prod(spec.kernel) <= COL2IM_MAX_TAPS)
+
+
 def forward_rule(spec) -> str:
   """Name of the forward formulation for this shape class (see module docstring)."""
   if not _is_1x1(spec) and _one_channel_per_group(spec):
@@ -557,7 +591,7 @@ def input_grad_rule(spec) -> str:
   """Name of the dL/dX formulation for this shape class (see module docstring)."""
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
-  if not _is_1x1(spec) and _one_channel_per_group(spec):
+  if not _is_1x1(spec) and _few_input_channels(spec):
     return 'col2im'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.out_spatial, spec):
     return 'col2im'
