@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/train.py --models resnet18_224 --steps 15 --plain
 
 For each model (lenet5 and CIFAR resnet20 at 32x32, ResNet-18 at 64x64 and
-224x224) it measures, in one run:
+224x224, VGG-11 at 64x64, GoogLeNet at 64x64 and 224x224, ResNet-50 at 224x224:
+issue 9's list) it measures, in one run:
 
   * images/s of the full jitted training step (`cnn_jax.train.make_train_step`:
     forward, loss, backward, SGD with momentum and weight decay, BN statistics,
@@ -18,6 +19,9 @@ For each model (lenet5 and CIFAR resnet20 at 32x32, ResNet-18 at 64x64 and
   * the same step in PyTorch (same architecture, batch, float32, SGD momentum,
     weight decay on the same tensors), when torch is importable (see below);
   * the time to trace, lower and compile the first step (our ops, flax Conv);
+  * GFLOP/s of each contender (the model's FLOPs per step, by XLA's cost
+    analysis of the nn.Conv step, over the median step time) against the
+    machine's matmul peak, measured at the start of the same run;
   * the input pipeline's throughput (`cnn_jax.data.make_loader` with the
     model's augmentation, iterated in this process, nothing else running) and
     its ratio to what our step consumes (target: >= 5x).
