@@ -2,7 +2,12 @@
 import os
 
 # Must happen before jax initialises its backends.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# xla_cpu_use_fusion_emitters=false: XLA's CPU fusion emitters cost 2-3x in compile
+# time on the small programs the tests compile (and compiling dominates the suite);
+# the loop emitters compute the same values. (test_pooling.fast_jit passes the same
+# option per function.)
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import tempfile  # noqa: E402
@@ -37,3 +42,13 @@ def fast_compile():
     yield
   finally:
     jax.config.update('jax_disable_most_optimizations', old)
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory):
+  """The embedded digits prepared once into a fresh directory, shared by the modules
+  that train on it (they only read it; test_data.py tests the preparation itself)."""
+  from cnn_jax.data import prepare_embedded  # pylint: disable=import-outside-toplevel
+  d = str(tmp_path_factory.mktemp('tfds_digits'))
+  prepare_embedded('digits', d)
+  return d

@@ -9,6 +9,11 @@ from jax.test_util import check_grads
 from cnn_jax.ops import activations as act
 
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 def _np_softmax(x, axis=-1):
   e = np.exp(x - x.max(axis=axis, keepdims=True))
   return e / e.sum(axis=axis, keepdims=True)

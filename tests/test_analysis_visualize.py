@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import matplotlib.image as mpimg
 import pytest
 
@@ -11,6 +12,10 @@ from cnn_jax.train import config as config_lib
 from cnn_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The figures compile one-off programs (saliency, deconvnet, ERFs, ...): XLA's
+# optimisation passes would dominate their time.
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +29,12 @@ def run_dir(tmp_path_factory):
   c.train_transform = c.eval_transform = 'resize(16)'
   c.batch_size, c.num_train_steps, c.num_devices = 8, 3, 1
   c.progress_bar, c.write_plots, c.print_summary = False, False, False
-  loop.train_and_evaluate(c, wd)
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)   # compile time dominates
+  try:
+    loop.train_and_evaluate(c, wd)
+  finally:
+    jax.config.update('jax_disable_most_optimizations', old)
   return wd
 
 

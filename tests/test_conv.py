@@ -22,6 +22,9 @@ from cnn_jax.ops.im2col import col2im, conv_matmul, im2col
 
 F32 = dict(rtol=1e-4, atol=1e-4)
 
+# One-off programs throughout: XLA's optimisation passes would dominate their time.
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
 
 def np_conv(x, w, stride, pads, dilation, groups):
   """Direct loop over output positions: Y[n,p,o] = sum Xpad[n,p*S+t*D,i] W[t,i,o]."""
@@ -112,7 +115,8 @@ def test_numerical_gradients_float64(x64, nd, s, pad, d, g):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(1,) + (5,) * nd + (2,))
   w = rng.normal(size=(2,) * nd + (2 // g, 2))
-  f = lambda a, b: conv(a, b, stride=s, padding=pad, dilation=d, groups=g)
+  # jit: the same function, compiled once per derivative instead of op by op.
+  f = jax.jit(lambda a, b: conv(a, b, stride=s, padding=pad, dilation=d, groups=g))
   check_grads(f, (x, w), order=2, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
 
 
@@ -271,8 +275,8 @@ def test_conv_transpose_is_adjoint_of_conv(x64, s, pad, op, g):
   cz = conv(z, wt, stride=s, padding=pads, groups=g)
   assert cz.shape == x.shape
   np.testing.assert_allclose(np.vdot(y, z), np.vdot(x, cz), rtol=1e-10)
-  check_grads(lambda a, b: conv_transpose(a, b, stride=s, padding=pad, output_padding=op,
-                                          groups=g),
+  check_grads(jax.jit(lambda a, b: conv_transpose(a, b, stride=s, padding=pad,
+                                                  output_padding=op, groups=g)),
               (x[:1, :3, :3], w), order=1, modes=['rev'], eps=1e-4, atol=1e-6, rtol=1e-6)
 
 

@@ -17,6 +17,11 @@ from cnn_jax.train import config as config_lib
 from cnn_jax.train import loop
 
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 def _abstract(model, shape):
   return tables.abstract_variables(model, shape)['params']
 

@@ -38,7 +38,7 @@ def test_depth_sweeps_expand_and_validate():
     assert model.depth in (20, 32, 56) and model.shortcut in ('none', 'A')
 
 
-def test_activation_sweep_and_gradient_norms():
+def test_activation_sweep_and_gradient_norms(fast_compile):
   act = _load('experiments/activations/config.py')
   planned = sweep.plan(act.get_config(), act.get_sweep())
   assert {cfg.model_kwargs.activation for _, _, cfg in planned} == {'relu', 'tanh', 'sigmoid'}
@@ -48,7 +48,8 @@ def test_activation_sweep_and_gradient_norms():
                            activation='sigmoid')
   x = jnp.ones((4, 16, 16, 1)) * jnp.arange(4.0).reshape(4, 1, 1, 1)
   import jax
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  # One jitted init instead of op-by-op dispatch of every initializer.
+  variables = jax.jit(lambda key: model.init(key, x, train=False))(jax.random.PRNGKey(0))
   norms = grad.layer_grad_norms(model, variables, x, jnp.arange(4))
   assert [n for n, _ in norms] == ['stage1_conv1', 'stage2_conv1', 'stage3_conv1', 'fc']
   values = np.array([v for _, v in norms])

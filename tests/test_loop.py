@@ -15,8 +15,8 @@ from cnn_jax.train import loop, writers
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+def data_dir(digits_data_dir):
+  return digits_data_dir
 
 
 def small_config(data_dir, **overrides):

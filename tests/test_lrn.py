@@ -10,6 +10,11 @@ from jax.test_util import check_grads
 
 from cnn_jax.ops.lrn import lrn
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 # Tiny shapes per number of spatial dims; C = 3 or 2 so that sizes 4 and 5 clip
 # at both channel borders.
 SHAPES = {1: (2, 5, 3), 2: (2, 4, 3, 3), 3: (1, 3, 4, 3, 2)}

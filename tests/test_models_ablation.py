@@ -8,6 +8,11 @@ from cnn_jax import models
 from cnn_jax.analysis import tables
 
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 def _count(name, shape, **kw):
   return tables.count_params(models.get_model(name, **kw), shape).trainable
 

@@ -22,6 +22,11 @@ from cnn_jax import nn as cnn
 from cnn_jax.analysis import count_params, summary
 from cnn_jax.models import get_model, list_models, model_info
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 FAMILIES = ('ffcnn', 'lenet', 'alexnet', 'vgg', 'nin')
 MODELS = [name for family in FAMILIES for name in list_models(family)]
 

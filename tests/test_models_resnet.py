@@ -15,6 +15,11 @@ from cnn_jax.analysis import count_params
 from cnn_jax.models import registry
 from model_testing import check_train_step_ours_vs_flax
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 # torchvision's published counts (BN scale and bias trainable; running
 # statistics are batch_stats).
 TORCHVISION_PARAMS = {

@@ -20,6 +20,11 @@ from cnn_jax.analysis import count_params, summary
 from cnn_jax.models import registry
 from model_testing import random_variables
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 EVAL_NORM = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5)
 
 

@@ -14,6 +14,11 @@ from jax import lax
 from cnn_jax import nn
 from cnn_jax.nn import initializers
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 # Same parameters through our explicit-backward conv and through XLA's autodiff.
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax.data import prepare_embedded
 from cnn_jax.train import checkpoint as ckpt_lib
 from cnn_jax.train import config as config_lib
 from cnn_jax.train import loop
@@ -25,10 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  prepare_embedded('digits', d)
-  return d
+def data_dir(digits_data_dir):
+  return digits_data_dir
 
 
 def parallel_config(data_dir, **overrides):
@@ -107,7 +104,8 @@ def _free_port():
 def test_two_processes_match_one(data_dir, reference, tmp_path):
   workdir = str(tmp_path / 'two_proc')
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+             '--xla_cpu_use_fusion_emitters=false',   # as tests/conftest.py
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   procs = []
   for pid in range(2):

@@ -5,13 +5,25 @@ import os
 
 import pytest
 
+from cnn_jax.data import scenes, sources
 from cnn_jax.train import config as config_lib
 from cnn_jax.train import loop, writers
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+  # Only the scenes the run reads (train[:64], validation[:32], test[:32]) instead of
+  # all 1,000: the same builder, and record i of a split is still scene(start + i).
+  # (test_scenes.py builds the full splits.)
+  mp = pytest.MonkeyPatch()
+  mp.setattr(scenes, 'SPLITS', {'train': (0, 64), 'validation': (600, 632),
+                                'test': (700, 732)})
+  try:
+    d = str(tmp_path_factory.mktemp('tfds'))
+    sources.prepare_embedded('plants', d)
+  finally:
+    mp.undo()
+  return d
 
 
 def seg_config(data_dir, **overrides):

@@ -7,6 +7,11 @@ import pytest
 from cnn_jax.train import metrics, steps, writers
 
 
+# Every test compiles one-off programs (or runs op by op): XLA's optimisation
+# passes would dominate their time (see conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+
 def _scores(truth, pred, num_classes):
   cm = metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(truth), num_classes)
   return metrics.segmentation_scores(np.asarray(cm))

@@ -17,6 +17,11 @@ from cnn_jax.train import config as config_lib
 from cnn_jax.train import loop, optim, state as state_lib, steps
 from cnn_jax.transfer import freeze as freeze_lib
 from cnn_jax.transfer import stages as stages_lib
+from model_testing import random_variables
+
+# Every test here compiles one-off programs (inits, masked train steps, short runs):
+# XLA's optimisation passes would dominate their time.
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 # One small variant per family (tiny variants keep eval_shape cheap).
 FAMILY_MODELS = ['cifar_resnet_tiny', 'resnet_tiny', 'vgg_tiny', 'alexnet_tiny',
@@ -235,10 +240,11 @@ def test_held_groups_keep_their_state_until_their_phase():
 # ---------------------------------------------------------------------------
 
 def _real_variables(name, num_classes, seed=0):
+  """Concrete variables with the model's tree and shapes; different seeds give different
+  values (filled in NumPy from jax.eval_shape, so no init is compiled)."""
   model, shape, _ = _abstract(name, num_classes=num_classes)
-  v = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + shape), train=False))(
-      jax.random.PRNGKey(seed))
-  return model, shape, jax.device_get({k: v[k] for k in ('params', 'batch_stats')})
+  v = random_variables(stages_lib.abstract_variables(model, shape), seed)
+  return model, shape, {k: v[k] for k in ('params', 'batch_stats')}
 
 
 def test_head_replacement_gives_the_new_shape_and_keeps_the_rest():
@@ -375,7 +381,12 @@ def _digits_config(**kw):
 @pytest.fixture(scope='module')
 def pretrained_dir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('transfer') / 'src')
-  loop.train_and_evaluate(_digits_config(classes='0-4', num_train_steps=6), wd)
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)   # compile time dominates
+  try:
+    loop.train_and_evaluate(_digits_config(classes='0-4', num_train_steps=6), wd)
+  finally:
+    jax.config.update('jax_disable_most_optimizations', old)
   return wd
 
 
