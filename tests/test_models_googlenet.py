@@ -175,6 +175,18 @@ def test_bad_aux_position_is_a_clear_error():
         jax.random.key(0), x, train=False), x)
 
 
+def test_aux_pool_larger_than_the_maps_is_a_clear_error():
+  """At 64x64 stage 4's maps are 4x4, smaller than the paper's 5x5/3 aux pool: the
+  error names both ways out, and both work (shapes only)."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  init = lambda m: jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False), x)
+  with pytest.raises(ValueError, match=r"aux1.*4x4.*aux_pool_size=\(4, 4\).*aux_logits=False"):
+    init(googlenet.GoogLeNet(num_classes=10))
+  adaptive = init(googlenet.GoogLeNet(num_classes=10, aux_pool_size=(4, 4)))
+  assert adaptive['params']['aux1']['fc1']['kernel'].shape == (4 * 4 * 128, 1024)
+  assert 'aux1' not in init(googlenet.GoogLeNet(num_classes=10, aux_logits=False))['params']
+
+
 # ----------------------------------------------------------------------------
 # Real forward/backward of tiny variants: our Conv vs flax.linen.Conv.
 # ----------------------------------------------------------------------------

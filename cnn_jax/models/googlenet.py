@@ -182,6 +182,13 @@ class AuxHead(nn.Module):
     if self.pool_size:
       x = adaptive_avg_pool(x, self.pool_size)
     else:
+      if min(x.shape[1:3]) < 5:
+        raise ValueError(
+            f'GoogLeNet aux head {self.name!r}: its input maps are '
+            f'{x.shape[1]}x{x.shape[2]}, smaller than the paper\'s 5x5/3 average pool '
+            '(stage-4 maps are 1/16 of the input: 14x14 at 224x224). Pass '
+            'aux_pool_size=(4, 4) (adaptive pooling, as torchvision; same parameter '
+            'tree as at 224x224), aux_logits=False, or inputs of at least 80x80.')
       x = cnn.AvgPool(5, strides=3, padding='VALID')(x)
     x = ConvUnit(self.features[0], 1, conv=self.conv, norm=self.norm, dtype=self.dtype,
                  name='conv')(x)
