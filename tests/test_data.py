@@ -229,3 +229,90 @@ def test_eval_loader_shards_pad_with_mask(mnist1d):
 
 def _noise(ex, rng):
   return {**ex, 'image': ex['image'] + rng.normal(size=ex['image'].shape).astype(np.float32)}
+
+
+def _reference_loader(source, *, batch_size, seed, shuffle=True, num_epochs=None,
+                      drop_remainder=True, transform=None, random_transform=None,
+                      process_index=0, process_count=1, task='classification',
+                      max_objects=0):
+  """make_loader as it was: grain's per-example pipeline, then batch (the slow one)."""
+  import functools
+  import grain
+  n = len(source)
+  ds = grain.MapDataset.source(source).seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.map(functools.partial(sources.to_example, task=task, max_objects=max_objects))
+  if transform is not None:
+    ds = ds.map(transform)
+  if random_transform is not None:
+    ds = ds.random_map(random_transform)
+  ds = ds.repeat(num_epochs)
+  local = batch_size // process_count
+  per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+  epochs = num_epochs if num_epochs is not None else 10**12 // max(per_epoch * local, 1)
+
+  def fetch(i):
+    step, r = divmod(i, local)
+    epoch, j = divmod(step, per_epoch)
+    pos = j * batch_size + process_index * local + r
+    if pos >= n:
+      return sources._padding_example(ds[0])
+    return {**ds[epoch * n + pos], 'mask': np.float32(1.0)}
+
+  out = grain.MapDataset.range(per_epoch * local * epochs).map(fetch)
+  return out.batch(local, drop_remainder=False)
+
+
+def _assert_same_batches(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('spec', ['pad_crop(2)', 'pad_crop(4, mode=reflect)|flip|'
+                                  'normalize(mnist)', 'random_crop(28)|rotate(10)',
+                                  'to_rgb|center_crop(30)|color_jitter(0.2, 0.2, 0.2)'])
+def test_loader_batches_equal_the_per_example_pipeline(digits, spec):
+  """make_loader computes whole batches (vectorised shuffle, in-memory examples,
+  Transform.call_batch) and must give grain's per-example pipeline's batches bit for
+  bit, across epochs, with padding, and on every process's rows."""
+  from cnn_jax.data import augment
+  src = digits['test']
+  fn = augment.make_transform(spec)
+  for kwargs in (dict(batch_size=32, seed=3),
+                 dict(batch_size=48, seed=1, shuffle=False, drop_remainder=False,
+                      num_epochs=2),
+                 dict(batch_size=64, seed=2, process_index=1, process_count=2,
+                      drop_remainder=False)):
+    fast = make_loader(src, random_transform=fn, **kwargs)
+    ref = _reference_loader(src, random_transform=fn, **kwargs)
+    assert len(fast) == len(ref)
+    for step in (0, 7, len(fast) - 1 if kwargs.get('num_epochs') else 12):
+      _assert_same_batches(fast[step], ref[step])
+  it = iter(fast.to_iter_dataset(sources.read_options()))
+  for step in range(3):
+    _assert_same_batches(next(it), ref[step])
+
+
+def test_loader_plain_callables_equal_the_per_example_pipeline(mnist1d):
+  src = mnist1d['test']
+  transform = lambda ex: {**ex, 'image': ex['image'] * 2}
+  for kwargs in (dict(random_transform=_noise), dict(transform=transform),
+                 dict(transform=transform, random_transform=_noise, shuffle=False)):
+    fast = make_loader(src, batch_size=100, seed=4, **kwargs)
+    ref = _reference_loader(src, batch_size=100, seed=4, **kwargs)
+    for step in (0, 9, 10, 31):
+      _assert_same_batches(fast[step], ref[step])
+
+
+@pytest.mark.parametrize('n', [1, 2, 10, 1437, 70000])
+def test_shuffled_positions_equal_grains_index_shuffle(n):
+  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+  pos = np.arange(min(n, 2000))
+  for seed in (0, 5, 2**32 - 1):
+    want = [index_shuffle_module.index_shuffle(int(p), max_index=n - 1, seed=seed,
+                                               rounds=4) for p in pos]
+    np.testing.assert_array_equal(sources.shuffled_positions(pos, n, seed), want)
+    np.testing.assert_array_equal(sources._epoch_permutation(n, seed)[pos], want)

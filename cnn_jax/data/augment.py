@@ -255,6 +255,15 @@ def pad_and_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 4,
 def _draw_shift(shape, rng: np.random.Generator, pad: int, mode: str) -> tuple[int, int]:
   """pad_and_crop's shift (dy, dx), each uniform in [-pad, pad]: the same two draws as
   random_crop of the original size on the padded image (top = dy + pad)."""
+  _check_shift(shape, pad, mode)
+  dy = int(rng.integers(0, 2 * pad + 1)) - pad
+  dx = int(rng.integers(0, 2 * pad + 1)) - pad
+  return dy, dx
+
+
+def _check_shift(shape, pad: int, mode: str) -> None:
+  """The checks of _draw_shift, which raise before anything is drawn; a batch of
+  images of one shape (Transform.call_batch) runs them once."""
   if not _is_int(pad) or pad < 0:
     raise ValueError(f'pad_and_crop: pad must be an int >= 0, got {pad!r}.')
   if mode not in _PAD_MODES:
@@ -263,9 +272,6 @@ def _draw_shift(shape, rng: np.random.Generator, pad: int, mode: str) -> tuple[i
   if mode == 'reflect' and pad >= min(height, width):
     raise ValueError(f'pad_and_crop: reflect padding {pad} needs an image larger than '
                      f'{pad} pixels, got ({height}, {width}).')
-  dy = int(rng.integers(0, 2 * pad + 1)) - pad
-  dx = int(rng.integers(0, 2 * pad + 1)) - pad
-  return dy, dx
 
 
 def _shift(image: np.ndarray, dy: int, dx: int, pad: int, mode: str) -> np.ndarray:
@@ -707,6 +713,25 @@ ImageFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 # segmentation label as (H, W, 1) ints; geometric ops move it with the image.
 JointFn = Callable[[np.ndarray, np.ndarray | None, np.random.Generator | None],
                    tuple[np.ndarray, np.ndarray | None]]
+# An op's batch form, for images without masks: (images (B, H, W, C), one rng per
+# image or None) -> images (B, H', W', C'). It draws from rngs[i] exactly what the
+# op draws for image i alone and computes the same values, so Transform.call_batch
+# is bit-identical to calling the Transform on each example (see there).
+BatchFn = Callable[[np.ndarray, Sequence[np.random.Generator] | None], np.ndarray]
+
+
+def _with_batch(fn: JointFn, batch: BatchFn) -> JointFn:
+  """fn, carrying its batch form as ``fn.batch`` (ops without one run per image)."""
+  fn.batch = batch
+  return fn
+
+
+def _windows(images: np.ndarray, tops, lefts, h: int, w: int) -> np.ndarray:
+  """(B, h, w, C): the (h, w) window of image i at (tops[i], lefts[i]), for all i in
+  one fancy index (copies of the same pixels that slicing each image gives)."""
+  rows = np.asarray(tops, np.intp)[:, None, None] + np.arange(h)[:, None]
+  cols = np.asarray(lefts, np.intp)[:, None, None] + np.arange(w)
+  return images[np.arange(len(images))[:, None, None], rows, cols]
 
 
 def _image_only(fn: ImageFn) -> JointFn:
@@ -733,8 +758,15 @@ def _build_resize(*size):
 
 def _build_center_crop(*size):
   size = _sized('center_crop', size)
-  return lambda image, mask, rng: (center_crop(image, size),
-                                   None if mask is None else center_crop(mask, size))
+
+  def batch(images, rngs):
+    h, w = center_crop(images[0], size).shape[:2]   # checks the size, as per image
+    top, left = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
+    return images[:, top:top + h, left:left + w]
+  return _with_batch(
+      lambda image, mask, rng: (center_crop(image, size),
+                                None if mask is None else center_crop(mask, size)),
+      batch)
 
 
 def _build_random_crop(*size):
@@ -745,7 +777,12 @@ def _build_random_crop(*size):
     top, left, h, w = _draw_crop(image.shape, rng, size)
     window = (slice(top, top + h), slice(left, left + w))
     return image[window], None if mask is None else mask[window]
-  return fn
+
+  def batch(images, rngs):
+    windows = np.array([_draw_crop(images.shape[1:], rng, size) for rng in rngs])
+    h, w = _hw('random_crop', size)
+    return _windows(images, windows[:, 0], windows[:, 1], h, w)
+  return _with_batch(fn, batch)
 
 
 def _build_pad_crop(pad=4, mode='constant'):
@@ -759,7 +796,19 @@ def _build_pad_crop(pad=4, mode='constant'):
     dy, dx = _draw_shift(image.shape, rng, pad, mode)
     return (_shift(image, dy, dx, pad, mode),
             None if mask is None else _shift(mask, dy, dx, pad, mode))
-  return fn
+
+  def batch(images, rngs):
+    # The window at (pad + dy, pad + dx) of each padded image, as _shift cuts it;
+    # zero padding gives the zeros _shift fills in, reflect the same reflection.
+    _check_shift(images.shape[1:], pad, mode)
+    span = 2 * pad + 1
+    tops = [int(rng.integers(0, span)) for rng in rngs]   # dy + pad, dx + pad: the
+    lefts = [int(rng.integers(0, span)) for rng in rngs]  # draws, in _draw_shift's order
+    if pad == 0:
+      return images
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+    return _windows(padded, tops, lefts, *images.shape[1:3])
+  return _with_batch(fn, batch)
 
 
 def _build_pad(amount):
@@ -777,7 +826,11 @@ def _build_flip(p=0.5):
     if not _draw_flip(rng, p):
       return image, mask
     return image[:, ::-1], None if mask is None else mask[:, ::-1]
-  return fn
+
+  def batch(images, rngs):
+    flipped = np.array([rng.random() < p for rng in rngs], bool)
+    return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+  return _with_batch(fn, batch)
 
 
 def _build_pca_noise(std=0.1):
@@ -844,7 +897,14 @@ def _build_normalize(*args):
   else:
     raise ValueError(f'normalize: give a statistics name ({", ".join(STATS)}) or mean '
                      f'and std, got {args!r}.')
-  return _image_only(lambda image, rng: normalize(image, mean, std))
+  def batch(images, rngs):
+    normalize(images[0, :1, :1], mean, std)   # the per-image checks (channels, std)
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    # _per_channel's arithmetic: image * (1 / std) then += -mean / std, in float32.
+    out = images.astype(np.float32, copy=False) * (1 / std32).reshape(-1)
+    out += (-mean32 / std32).reshape(-1)
+    return out
+  return _with_batch(_image_only(lambda image, rng: normalize(image, mean, std)), batch)
 
 
 def _build_to_rgb():
@@ -962,6 +1022,8 @@ class Transform:
           raise ValueError(f'A spec list holds op strings or callables, got {item!r}.')
     self.ops: list[tuple[str, JointFn, bool]] = ops
     self._random = any(random for _, _, random in ops)
+    self._callables = spec is not None and not isinstance(spec, str) and any(
+        callable(item) for item in spec)
 
   @staticmethod
   def _parse(text, spec):
@@ -1023,6 +1085,59 @@ class Transform:
     out['image'] = np.asarray(image, np.float32)
     if mask is not None:
       out['label'] = mask[..., 0]
+    return out
+
+  @property
+  def batchable(self) -> bool:
+    """Whether call_batch may run: the ops come from spec strings (callables may
+    return images of any size) and the task is not 'segmentation'."""
+    return self.task != 'segmentation' and not self._callables
+
+  def call_batch(self, batch: dict, rngs: Sequence[np.random.Generator] | None = None
+                 ) -> dict:
+    """This transform of a batch: ``batch`` holds B examples stacked ('image' (B, H,
+    W, C)), ``rngs`` one generator per example; returns the stacked results.
+
+    Bit-identical to ``self(example_i, rngs[i])`` for every i, stacked: each op runs
+    on the whole batch in the ops' order and draws from rngs[i] what it draws for
+    image i alone, so every generator sees the same sequence of draws. Ops with a
+    batch form (crops, pad_crop, flip, normalize) run vectorised, the others image by
+    image. Examples with masks (labels of ndim >= 2 under task 'auto') and images
+    that are not (H, W, C) go through __call__ one by one. The loader (sources.make_loader) calls this instead of
+    __call__ per example: per-example Python work was most of its time.
+    """
+    if not self.batchable:
+      raise ValueError(f'Augmentation spec {self.spec!r} (task {self.task!r}) has no '
+                       'batch form; call it per example.')
+    if rngs is None and self._random:
+      raise ValueError(f'Augmentation spec {self.spec!r} has random ops and needs an rng '
+                       '(use make_loader(random_transform=...)).')
+    images = np.asarray(batch['image'])
+    label = batch.get('label')
+    count = len(images)
+    if images.ndim != 4 or (self.task == 'auto' and label is not None
+                            and np.ndim(label) >= 3):
+      rows = [{k: v[i] for k, v in batch.items()} for i in range(count)]
+      outs = [self(row, None if rngs is None else rngs[i]) for i, row in enumerate(rows)]
+      return {k: np.stack([out[k] for out in outs]) for k in outs[0]} if outs else batch
+    if not np.issubdtype(images.dtype, np.floating):
+      raise ValueError(f'Augmentation expects float images in [0, 1] '
+                       f'(sources.to_example), got dtype {images.dtype}.')
+    images = images.astype(np.float32, copy=False)
+    if count:
+      for text, fn, _ in self.ops:
+        shape = images.shape[1:]
+        try:
+          if hasattr(fn, 'batch'):
+            images = fn.batch(images, rngs)
+          else:
+            images = np.stack([fn(images[i], None, None if rngs is None else rngs[i])[0]
+                               for i in range(count)])
+        except ValueError as e:
+          raise ValueError(f'Augmentation op {text!r} of spec {self.spec!r} failed on an '
+                           f'image of shape {shape}: {e}') from e
+    out = dict(batch)
+    out['image'] = np.asarray(images, np.float32)
     return out
 
   def __repr__(self) -> str:

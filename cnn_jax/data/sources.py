@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import glob
+import math
 import os
+import threading
 from typing import Any, Callable
 
 import grain
@@ -301,36 +303,301 @@ def make_loader(
   if drop_remainder and batch_size > n:
     raise ValueError(f'batch_size {batch_size} > dataset size {n} with '
                      'drop_remainder=True would give no batches.')
+  # The per-example grain pipeline this loader reproduces batch by batch: source ->
+  # seed -> shuffle -> to_example -> transform -> random_transform -> repeat. It is
+  # built (lazily, nothing is read) for the seeds grain derives for its shuffle and
+  # random_map (from `seed` and their depth in the pipeline); _BatchReader computes
+  # what ds[epoch * n + pos] holds for a whole batch at once, bit for bit.
   ds = grain.MapDataset.source(source).seed(seed)
+  shuffle_seed = None
   if shuffle:
     ds = ds.shuffle()
+    shuffle_seed = ds._seed  # pylint: disable=protected-access
   ds = ds.map(functools.partial(to_example, task=task, max_objects=max_objects))
   if transform is not None:
     ds = ds.map(transform)
+  rng_seed = None
   if random_transform is not None:
     ds = ds.random_map(random_transform)
-  ds = ds.repeat(num_epochs)
+    rng_seed = ds._rng_pool._seed  # pylint: disable=protected-access
 
   local = batch_size // process_count
   per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
   epochs = num_epochs if num_epochs is not None else 10**12 // max(per_epoch * local, 1)
-  template = []
+  reader = _BatchReader(source, functools.partial(to_example, task=task,
+                                                  max_objects=max_objects),
+                        shuffle_seed, transform, random_transform, rng_seed)
 
-  def padding():
-    if not template:
-      template.append(_padding_example(ds[0]))
-    return template[0]
-
-  def fetch(i):
-    step, r = divmod(i, local)
+  def fetch(step):
     epoch, j = divmod(step, per_epoch)
-    pos = j * batch_size + process_index * local + r
-    if pos >= n:
-      return padding()
-    return {**ds[epoch * n + pos], 'mask': np.float32(1.0)}
+    pos = j * batch_size + process_index * local + np.arange(local)
+    return reader.batch(epoch, pos[pos < n], local)
 
-  out = grain.MapDataset.range(per_epoch * local * epochs).map(fetch)
-  return out.batch(local, drop_remainder=False)
+  return grain.MapDataset.range(per_epoch * epochs).map(fetch)
+
+
+# Examples are cached in memory (as converted by to_example) when all of them take at
+# most this many bytes: the embedded digits (6 MB) and mnist1d (0.6 MB), whose
+# records tfds otherwise decodes again on every access (most of the loader's time).
+# Larger datasets are read from their source every time, as before.
+CACHE_BYTES = 64 * 2**20
+
+
+class _ExampleCache:
+  """to_example(source[i]) for every i, as one stacked array per key, filled on first
+  access of each record (so a loader that reads a few batches decodes only those).
+
+  Used only when the examples are flat dicts of arrays of one shape and dtype per key
+  and all of them fit in CACHE_BYTES; `take` returns None otherwise (and for good once
+  a record breaks the pattern), and the caller reads the source itself."""
+
+  def __init__(self, source, convert):
+    self._source, self._convert = source, convert
+    self._arrays = None       # key -> (n, ...) array, from the first record's layout
+    self._filled = None       # (n,) bool: records already converted
+    self._enabled = None      # None: not decided yet
+    self._lock = threading.Lock()
+
+  def _start(self):
+    n = len(self._source)
+    first = self._convert(self._source[0])
+    if not isinstance(first, dict) or not first:
+      return False
+    values = {k: np.asarray(v) for k, v in first.items()}
+    if any(v.dtype == object for v in values.values()):
+      return False
+    if n * sum(v.nbytes for v in values.values()) > CACHE_BYTES:
+      return False
+    self._arrays = {k: np.empty((n,) + v.shape, v.dtype) for k, v in values.items()}
+    self._filled = np.zeros(n, bool)
+    self._store(0, values)
+    return True
+
+  def _store(self, i, example) -> bool:
+    if not isinstance(example, dict) or example.keys() != self._arrays.keys():
+      return False
+    for k, v in example.items():
+      v = np.asarray(v)
+      if v.shape != self._arrays[k].shape[1:] or v.dtype != self._arrays[k].dtype:
+        return False
+    for k, v in example.items():
+      self._arrays[k][i] = v
+    self._filled[i] = True
+    return True
+
+  def take(self, indices: np.ndarray) -> dict | None:
+    """{key: (len(indices), ...) array} of the examples at `indices`, or None."""
+    if self._enabled is None:
+      with self._lock:
+        if self._enabled is None:
+          self._enabled = self._start()
+    if not self._enabled:
+      return None
+    for i in np.unique(indices[~self._filled[indices]]):
+      if not self._store(i, self._convert(self._source[int(i)])):
+        self._enabled = False
+        return None
+    return {k: v[indices] for k, v in self._arrays.items()}
+
+
+def _seed_seq(seed: int, count: int) -> list[int]:
+  """C++ std::seed_seq{seed}.generate(count words), as the C++ standard defines it."""
+  mask = 0xFFFFFFFF
+  n, v = count, [seed & mask]
+  s = len(v)
+  out = [0x8b8b8b8b] * n
+  t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
+  p = (n - t) // 2
+  q = p + t
+  m = max(s + 1, n)
+  mix = lambda x: x ^ (x >> 27)
+  for k in range(m):
+    r1 = 1664525 * mix(out[k % n] ^ out[(k + p) % n] ^ out[(k - 1) % n]) & mask
+    r2 = (r1 + (s if k == 0 else (k % n + v[k - 1] if k <= s else k % n))) & mask
+    out[(k + p) % n] = (out[(k + p) % n] + r1) & mask
+    out[(k + q) % n] = (out[(k + q) % n] + r2) & mask
+    out[k % n] = r2
+  for k in range(m, m + n):
+    r3 = 1566083941 * mix((out[k % n] + out[(k + p) % n] + out[(k - 1) % n]) & mask) & mask
+    r4 = (r3 - k % n) & mask
+    out[(k + p) % n] ^= r3
+    out[(k + q) % n] ^= r4
+    out[k % n] = r4
+  return out
+
+
+def _simon(x: np.ndarray, keys: list[int], word: int) -> np.ndarray:
+  """grain's index_shuffle block cipher (Simon, 2 x `word` bits, its round keys) on
+  every element of the uint64 array x."""
+  mask = np.uint64((1 << word) - 1)
+  rotl = lambda v, r: ((v << np.uint64(r)) | (v >> np.uint64(word - r))) & mask
+  f = lambda v: (rotl(v, 1) & rotl(v, 8)) ^ rotl(v, 2)
+  left, right = (x >> np.uint64(word)) & mask, x & mask
+  for k1, k2 in zip(keys[::2], keys[1::2]):
+    left = left ^ f(right) ^ np.uint64(k1 & ((1 << word) - 1))
+    right = right ^ f(left) ^ np.uint64(k2 & ((1 << word) - 1))
+  return (left << np.uint64(word)) | right
+
+
+# Above this block size the shuffle walks each batch's positions (below, whole epochs
+# through a table of the cipher: 2**block entries, at most 4 n and 2**16).
+_TABLE_BITS = 26
+_ROUNDS = 4   # grain's ShuffleMapDataset
+
+
+def shuffled_positions(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
+  """Where grain's shuffle (index_shuffle(p, max_index=n - 1, seed, rounds=4), a
+  cycle-walking Simon cipher over [0, 2**block)) sends each position p, vectorised:
+  grain's C++ function takes ~45 us per call at n ~ 1,000 (it walks ~2**16 / n
+  steps), as long as the rest of a digits example."""
+  positions = np.asarray(positions, np.uint64)
+  max_index = n - 1
+  if max_index == 0:
+    return np.zeros(len(positions), np.int64)
+  block = int(math.ceil(math.log2(max_index)))
+  block = max(block + block % 2, 16)
+  keys = _seed_seq(seed % 2**32, _ROUNDS)
+  x = _simon(positions, keys, block // 2)
+  while True:
+    out = x > max_index
+    if not out.any():
+      return x.astype(np.int64)
+    x[out] = _simon(x[out], keys, block // 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int) -> np.ndarray:
+  """shuffled_positions(arange(n), n, seed), walked through a table of the cipher."""
+  max_index = n - 1
+  if max_index == 0:
+    return np.zeros(1, np.int64)
+  block = int(math.ceil(math.log2(max_index)))
+  block = max(block + block % 2, 16)
+  table = _simon(np.arange(2**block, dtype=np.uint64), _seed_seq(seed % 2**32, _ROUNDS),
+                 block // 2)
+  x = table[:n]
+  while True:
+    out = x > max_index
+    if not out.any():
+      return x.astype(np.int64)
+    x = np.where(out, table[np.minimum(x, 2**block - 1)], x)
+
+
+class _BatchReader:
+  """The rows of one batch of make_loader's pipeline, computed a batch at a time.
+
+  For positions `pos` of epoch e it returns, stacked, what grain's per-example
+  pipeline gives for elements e * n + pos: the record at the shuffled position
+  (grain's permutation, computed a whole epoch at once), to_example (cached in memory
+  for small datasets, _ExampleCache), `transform`, then `random_transform` with the
+  numpy Generator grain's random_map hands element i (Philox seeded with grain's
+  derived seed, counter [0, 0, 0, i]); a Transform runs on the whole batch
+  (augment.Transform.call_batch). Then 'mask' 1, and padding rows up to `size`.
+  """
+
+  def __init__(self, source, convert, shuffle_seed, transform, random_transform,
+               rng_seed):
+    self._source, self._convert = source, convert
+    self._n = len(source)
+    self._shuffle_seed = shuffle_seed
+    self._transform, self._random_transform = transform, random_transform
+    self._cache = _ExampleCache(source, convert)
+    self._rng_seed = rng_seed
+    self._rngs: list[np.random.Generator] = []   # a pool, reused across batches
+    self._key = None                             # Philox key of Philox(rng_seed)
+    self._lock = threading.Lock()
+    self._template = None
+
+  def _records(self, pos: np.ndarray, epoch: int) -> np.ndarray:
+    if self._shuffle_seed is None:
+      return pos
+    seed = (self._shuffle_seed + epoch) % 2**32
+    if max(16, math.ceil(math.log2(max(self._n - 1, 1)))) + 1 <= _TABLE_BITS:
+      return _epoch_permutation(self._n, seed)[pos]
+    return shuffled_positions(pos, self._n, seed)
+
+  def _acquire(self, count: int) -> list[np.random.Generator]:
+    with self._lock:
+      taken, self._rngs = self._rngs[:count], self._rngs[count:]
+    while len(taken) < count:
+      taken.append(np.random.Generator(np.random.Philox(self._rng_seed)))
+    return taken
+
+  def _reset_rng(self, rng: np.random.Generator, index: int) -> None:
+    """rng's state as grain's RngPool sets it for element `index` (op_seed 0): key
+    from the seed, counter [0, 0, 0, index], empty buffers. (grain reads the state
+    back before setting it, which takes three times as long.)"""
+    if self._key is None:
+      self._key = rng.bit_generator.state['state']['key']
+    rng.bit_generator.state = {
+        'bit_generator': 'Philox',
+        'state': {'counter': np.array([0, 0, 0, index], np.uint64), 'key': self._key},
+        'buffer': np.zeros(4, np.uint64), 'buffer_pos': 4, 'has_uint32': 0,
+        'uinteger': 0}
+
+  def _release(self, rngs):
+    with self._lock:
+      self._rngs.extend(rngs)
+
+  def examples(self, epoch: int, pos: np.ndarray):
+    """The pipeline's examples at positions pos of epoch: a stacked dict, or a list
+    of example dicts where the examples cannot be stacked before the transforms."""
+    records = self._records(pos, epoch)
+    rows = self._cache.take(records)
+    if rows is None:
+      rows = [self._convert(self._source[int(i)]) for i in records]
+    if self._transform is not None:
+      rows = self._apply(self._transform, rows, None)
+    if self._random_transform is not None:
+      rngs = self._acquire(len(pos))
+      try:
+        for rng, index in zip(rngs, epoch * self._n + pos):
+          self._reset_rng(rng, int(index))
+        rows = self._apply(self._random_transform, rows, rngs)
+      finally:
+        self._release(rngs)
+    return rows
+
+  @staticmethod
+  def _apply(fn, rows, rngs):
+    if isinstance(rows, dict) and getattr(fn, 'batchable', False):
+      return fn.call_batch(rows, rngs)
+    if isinstance(rows, dict):
+      rows = [{k: v[i] for k, v in rows.items()} for i in range(len(next(iter(
+          rows.values()))))]
+    if rngs is None:
+      return [fn(row) for row in rows]
+    return [fn(row, rng) for row, rng in zip(rows, rngs)]
+
+  def batch(self, epoch: int, pos: np.ndarray, size: int) -> dict:
+    """The batch rows at positions pos (< n) of epoch, with 'mask', padded to size."""
+    rows = self.examples(epoch, pos) if len(pos) else []
+    if isinstance(rows, dict):
+      rows = {**rows, 'mask': np.ones(len(pos), np.float32)}
+      if len(pos) == size:
+        return rows
+      rows = [{k: v[i] for k, v in rows.items()} for i in range(len(pos))]
+    else:
+      rows = [{**row, 'mask': np.float32(1.0)} for row in rows]
+    rows += [self._padding()] * (size - len(rows))
+    return _stack(rows)
+
+  def _padding(self):
+    if self._template is None:
+      first = self.examples(0, np.zeros(1, np.int64))
+      first = first[0] if isinstance(first, list) else {k: v[0] for k, v in first.items()}
+      self._template = _padding_example(first)
+    return self._template
+
+
+def _stack(rows: list) -> Any:
+  """grain's default batch: np.stack of each leaf over the rows (dicts of arrays)."""
+  first = rows[0]
+  if isinstance(first, dict):
+    return {k: _stack([row[k] for row in rows]) for k in first}
+  if isinstance(first, (list, tuple)):
+    return type(first)(_stack([row[i] for row in rows]) for i in range(len(first)))
+  return np.stack(rows)
 
 
 def _padding_example(example: dict) -> dict:
