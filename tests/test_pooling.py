@@ -327,27 +327,6 @@ def test_backward_matches_reduce_window_autodiff(spatial, window, stride, paddin
     assert dx.dtype == x.dtype
 
 
-@pytest.mark.parametrize('spatial, window, stride, padding', [
-    ((9,), 2, 2, 'VALID'), ((7,), 2, 3, ((1, 1),)), ((6, 7), 2, 2, 'SAME'),
-    ((5, 6), (2, 3), (2, 3), ((1, 0), (0, 2))), ((4, 5, 4), 2, 2, 'SAME'),
-    ((6, 6), 3, 2, 1)])
-def test_route_by_taps_equals_the_scatter(spatial, window, stride, padding):
-  """Where windows cannot overlap the max pools route dY by per-tap placement; it
-  must give exactly the scatter-add's dX, padding taps included (ties too: the
-  switches decide). Overlapping windows (the last case) keep the scatter."""
-  x = np.random.default_rng(5).integers(0, 3, size=(2,) + spatial + (3,)).astype(np.float32)
-  spec = pooling.make_spec(x.shape, window, stride, padding)
-  y, switches = pooling._argmax_forward(jnp.asarray(x), spec)
-  dy = jnp.asarray(np.random.default_rng(6).normal(size=y.shape).astype(np.float32))
-  scatter = pooling._scatter_add(dy, switches, spec.in_spatial, 'promise_in_bounds')
-  overlapping = any(k > s for k, s in zip(spec.window, spec.stride))
-  if not overlapping:
-    np.testing.assert_array_equal(pooling._route_by_taps(dy, switches, spec), scatter)
-  np.testing.assert_array_equal(pooling._route(dy, switches, spec), scatter)
-  _, dx = vjp_of(lambda v: max_pool(v, window, stride, padding), jnp.asarray(x), dy)
-  np.testing.assert_array_equal(dx, scatter)
-
-
 def test_global_pools_backward_matches_autodiff():
   for shape in [(2, 5, 3), (2, 4, 5, 3), (1, 3, 2, 4, 2)]:
     x = jnp.asarray(distinct(shape, seed=3))

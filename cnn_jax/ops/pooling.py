@@ -278,33 +278,6 @@ def _scatter_add(values, switches, out_spatial, mode):
   return out.reshape((n,) + tuple(out_spatial) + (c,))
 
 
-def _route_by_taps(dy, switches, spec: PoolSpec):
-  """dX = sum over taps t of dY masked to the windows tap t won, placed at p*S + t.
-
-  For windows that do not overlap (F <= S) every input cell belongs to at most one
-  window, so each cell receives at most one term and the sum is an interleave:
-  one fused elementwise pass, no index arithmetic. Equal to `_scatter_add`."""
-  dx = None
-  for t in spec.taps:
-    won = switches == jnp.asarray(_tap_index(t, spec))
-    valid = _tap_valid(t, spec)
-    if not valid.all():
-      won = won & valid       # a padding tap's clipped index may name a real cell
-    part = _place(jnp.where(won, dy, jnp.zeros((), dy.dtype)), t, spec)
-    dx = part if dx is None else dx + part
-  return dx
-
-
-def _route(dy, switches, spec: PoolSpec):
-  """The max pools' backward: dY of each window to its switch, summed where windows
-  overlap. Per-tap placement where windows cannot overlap (2x2/2: 12.8 vs 23.7 ms
-  at 16x56x56x128 on this CPU, equal on small maps); one scatter-add where they
-  can (3x3/2: 76 vs 107 ms at 16x112x112x64), see benchmarks/README.md."""
-  if all(k <= s for k, s in zip(spec.window, spec.stride)):
-    return _route_by_taps(dy, switches, spec)
-  return _scatter_add(dy, switches, spec.in_spatial, 'promise_in_bounds')
-
-
 # ----------------------------------------------------------------------------
 # Max pooling
 # ----------------------------------------------------------------------------
@@ -323,7 +296,7 @@ def _max_pool_fwd(x, spec):
 def _max_pool_bwd(spec, switches, dy):
   # make_spec guarantees every window has an input cell, and padding never
   # wins, so every switch is in range.
-  return (_route(dy, switches, spec),)
+  return (_scatter_add(dy, switches, spec.in_spatial, 'promise_in_bounds'),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -370,7 +343,7 @@ def _max_pool_argmax_fwd(x, spec):
 
 def _max_pool_argmax_bwd(spec, switches, cotangents):
   dy, _ = cotangents        # the integer switches carry no gradient
-  return (_route(dy, switches, spec),)
+  return (_scatter_add(dy, switches, spec.in_spatial, 'promise_in_bounds'),)
 
 
 _max_pool_argmax.defvjp(_max_pool_argmax_fwd, _max_pool_argmax_bwd)
