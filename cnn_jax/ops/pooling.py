@@ -18,8 +18,7 @@ row-major order) and Xpad for the padded input. Then, for every channel:
 
 The sums over o are where overlapping windows (F > S, e.g. AlexNet's 3x3 stride
 2) add their contributions. Routing scatter-adds dY at the argmax indices
-("switches") that the forward pass records; where windows cannot overlap
-(F <= S) it places each tap's won dY instead, an interleave with no sums. Spreading is the transpose of the
+("switches") that the forward pass records. Spreading is the transpose of the
 sum pool, i.e. a transposed convolution with a ones kernel: at unit stride a
 ones-kernel correlation of dY padded (F - 1 - P_lo, F - 1 - P_hi + r), as in
 conv's dL/dX (see conv.py); with a stride, dY placed once per tap.
