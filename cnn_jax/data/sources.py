@@ -439,48 +439,54 @@ def _simon(x: np.ndarray, keys: list[int], word: int) -> np.ndarray:
   return (left << np.uint64(word)) | right
 
 
-# Above this block size the shuffle walks each batch's positions (below, whole epochs
-# through a table of the cipher: 2**block entries, at most 4 n and 2**16).
-_TABLE_BITS = 26
+# Up to this cipher width the shuffle maps whole epochs through a table of the cipher
+# (2**bits uint64 entries: 32 MiB at 22, which covers datasets of up to 2**22
+# examples, ImageNet's 1.28M included); above it, it walks each batch's positions.
+_TABLE_BITS = 22
 _ROUNDS = 4   # grain's ShuffleMapDataset
+
+
+def _cipher_bits(n: int) -> int:
+  """Width of grain's cipher domain for max_index n - 1 (n >= 2): ceil(log2(n - 1))
+  rounded up to even, at least 16."""
+  bits = int(math.ceil(math.log2(n - 1)))
+  return max(bits + bits % 2, 16)
+
+
+def _cycle_walk(x: np.ndarray, n: int, step) -> np.ndarray:
+  """Applies `step` (one cipher pass) to the entries of x still >= n until none is:
+  the cipher permutes [0, 2**bits), cycle walking restricts it to [0, n)."""
+  x = x.copy()              # x may be a view of the table that `step` reads
+  while True:
+    out = x >= n
+    if not out.any():
+      return x.astype(np.int64)
+    x[out] = step(x[out])
 
 
 def shuffled_positions(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
   """Where grain's shuffle (index_shuffle(p, max_index=n - 1, seed, rounds=4), a
-  cycle-walking Simon cipher over [0, 2**block)) sends each position p, vectorised:
+  cycle-walking Simon cipher over [0, 2**bits)) sends each position p, vectorised:
   grain's C++ function takes ~45 us per call at n ~ 1,000 (it walks ~2**16 / n
   steps), as long as the rest of a digits example."""
   positions = np.asarray(positions, np.uint64)
-  max_index = n - 1
-  if max_index == 0:
+  if n == 1:
     return np.zeros(len(positions), np.int64)
-  block = int(math.ceil(math.log2(max_index)))
-  block = max(block + block % 2, 16)
+  half = _cipher_bits(n) // 2
   keys = _seed_seq(seed % 2**32, _ROUNDS)
-  x = _simon(positions, keys, block // 2)
-  while True:
-    out = x > max_index
-    if not out.any():
-      return x.astype(np.int64)
-    x[out] = _simon(x[out], keys, block // 2)
+  step = lambda v: _simon(v, keys, half)
+  return _cycle_walk(step(positions), n, step)
 
 
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(n: int, seed: int) -> np.ndarray:
   """shuffled_positions(arange(n), n, seed), walked through a table of the cipher."""
-  max_index = n - 1
-  if max_index == 0:
+  if n == 1:
     return np.zeros(1, np.int64)
-  block = int(math.ceil(math.log2(max_index)))
-  block = max(block + block % 2, 16)
-  table = _simon(np.arange(2**block, dtype=np.uint64), _seed_seq(seed % 2**32, _ROUNDS),
-                 block // 2)
-  x = table[:n]
-  while True:
-    out = x > max_index
-    if not out.any():
-      return x.astype(np.int64)
-    x = np.where(out, table[np.minimum(x, 2**block - 1)], x)
+  bits = _cipher_bits(n)
+  table = _simon(np.arange(2**bits, dtype=np.uint64), _seed_seq(seed % 2**32, _ROUNDS),
+                 bits // 2)
+  return _cycle_walk(table[:n], n, lambda v: table[v])
 
 
 class _BatchReader:
@@ -512,7 +518,7 @@ class _BatchReader:
     if self._shuffle_seed is None:
       return pos
     seed = (self._shuffle_seed + epoch) % 2**32
-    if max(16, math.ceil(math.log2(max(self._n - 1, 1)))) + 1 <= _TABLE_BITS:
+    if self._n < 2 or _cipher_bits(self._n) <= _TABLE_BITS:
       return _epoch_permutation(self._n, seed)[pos]
     return shuffled_positions(pos, self._n, seed)
 
