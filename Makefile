@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -rs
 WORKDIR ?= runs/lenet5_digits
 
-.PHONY: setup train demo test bench clean data
+.PHONY: setup native train demo test bench clean data
 
 setup: $(STAMP)
 
@@ -14,7 +14,14 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(MAKE) --no-print-directory native
 	touch $(STAMP)
+
+# The native CPU kernels (cnn_jax/ops/csrc, via the XLA FFI): built here once, and
+# otherwise on first use; cached by source, compiler and jaxlib version. Without a
+# C++ compiler or an AVX-512 CPU the pure-JAX formulations are used (it says so).
+native:
+	$(PY) -c 'import sys; from cnn_jax.ops import native; sys.exit(native.main())' || true
 
 # The main job: LeNet-5 on the embedded digits (offline). Re-running it finds the
 # finished run in $(WORKDIR) and prints its metrics; `make demo` runs the notes' examples.

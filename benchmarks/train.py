@@ -75,6 +75,7 @@ from cnn_jax import data as cnn_data  # noqa: E402
 from cnn_jax.data import sources as cnn_data_sources  # noqa: E402
 from cnn_jax import train as cnn_train  # noqa: E402
 from cnn_jax.models import get_model  # noqa: E402
+from cnn_jax.ops import native  # noqa: E402
 
 # libgomp threads otherwise spin after each parallel region and steal the
 # 2 cores from the XLA steps timed right after a torch step.
@@ -299,6 +300,7 @@ class JaxContender:
   name: str
   conv: Any
   flax_pooling: bool = False
+  no_native: bool = False         # trace with cnn_jax.ops.native switched off
   compile_s: float = float('nan')
   flops: float = float('nan')     # XLA's count for the compiled step
   num_params: int = 0
@@ -313,13 +315,16 @@ def build_jax(c: JaxContender, case: Case, batch0: Dict[str, jax.Array]):
                     **dict(case.model_kwargs))
   tx, schedule = cnn_train.make_optimizer(OPTIMIZER)
   ctx = _flax_pooling() if c.flax_pooling else contextlib.nullcontext()
-  with ctx:
+  native_ctx = native.disabled() if c.no_native else contextlib.nullcontext()
+  with ctx, native_ctx:
     state = cnn_train.create_train_state(model, tx, case.image, jax.random.key(0))
     jax.block_until_ready(state)
     step = cnn_train.make_train_step(None, schedule)
     t0 = time.perf_counter()
     c.step = step.lower(state, batch0).compile()
     c.compile_s = time.perf_counter() - t0
+  if c.no_native and 'cnn_jax_conv2d' in c.step.as_text():
+    raise RuntimeError(f'{c.name}: the native kernels were traced in despite native.disabled()')
   c.flops = compiled_flops(c.step)
   c.state = state
   c.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
@@ -550,6 +555,8 @@ def bench_case(case: Case, args) -> Result:
                 JaxContender('nn.Conv', flax_nn.Conv)]
   if args.plain:
     contenders.append(JaxContender('plain', flax_nn.Conv, flax_pooling=True))
+  if args.jax_only:
+    contenders.append(JaxContender('ours-jax', cnn_jax.nn.Conv, no_native=True))
   for c in contenders:
     build_jax(c, case, batches[0])
   print(f'   {contenders[0].num_params:,} parameters', flush=True)
@@ -637,10 +644,12 @@ def report(r: Result, peak: Dict[str, float]):
 def summary(results: Sequence[Result], peak: Dict[str, float]):
   have_torch = any('torch' in r.ips for r in results)
   have_plain = any('plain' in r.ips for r in results)
+  have_jax = any('ours-jax' in r.ips for r in results)
   header = ['model', 'batch', 'ours img/s', 'nn.Conv img/s']
   header += ['plain img/s'] if have_plain else []
   header += ['torch img/s'] if have_torch else []
   header += ['ours/nn.Conv'] + (['ours/plain'] if have_plain else [])
+  header += ['ours/ours-jax'] if have_jax else []
   header += ['ours/torch'] if have_torch else []
   header += ['GFLOP/s ours'] + (['GFLOP/s torch'] if have_torch else [])
   header += ['compile ours s', 'compile nn.Conv s']
@@ -656,6 +665,8 @@ def summary(results: Sequence[Result], peak: Dict[str, float]):
     row += [_f(ips['ours'] / ips['nn.Conv'], '{:.2f}')]
     if have_plain:
       row += [_f(ips['ours'] / ips['plain'], '{:.2f}') if 'plain' in ips else '-']
+    if have_jax:
+      row += [_f(ips['ours'] / ips['ours-jax'], '{:.2f}') if 'ours-jax' in ips else '-']
     if have_torch:
       row += [_f(ips['ours'] / ips['torch'], '{:.2f}') if 'torch' in ips else '-']
     row += [_f(gflops(r, 'ours'))]
@@ -688,6 +699,9 @@ def main(argv=None):
                       help='how long to iterate each input pipeline')
   parser.add_argument('--plain', action='store_true',
                       help='also time plain Flax (flax.linen Conv and pooling)')
+  parser.add_argument('--jax_only', action='store_true',
+                      help='also time our ops with the native CPU kernels switched off '
+                           '(contender ours-jax: the pure-JAX formulations)')
   parser.add_argument('--no_torch', action='store_true', help='skip PyTorch even if importable')
   parser.add_argument('--torch_channels_last', action='store_true',
                       help='run torch in channels_last memory format (default: NCHW)')

@@ -13,6 +13,7 @@ from jax import lax
 # `cnn_jax.ops` re-exports the function `conv`, which shadows the module name.
 conv_mod = importlib.import_module('cnn_jax.ops.conv')
 conv_grads = importlib.import_module('cnn_jax.ops.conv_grads')
+native = importlib.import_module('cnn_jax.ops.native')
 
 # float32: the formulations add the same products in different orders (per
 # block, per tap, per phase), so they differ from XLA's sums by rounding only.
@@ -206,14 +207,18 @@ RULE = [
 def test_forward_rule(xs, ws, stride, expected):
   groups = xs[-1] // ws[-2]
   spec = conv_mod.make_spec(xs, ws, stride=stride, padding='SAME', groups=groups)
-  assert conv_grads.forward_rule(spec) == expected
+  with native.disabled():        # the pure-JAX rule (native: test_native.py)
+    assert conv_grads.forward_rule(spec) == expected
 
 
 @pytest.mark.parametrize('args,expected', RULE, ids=[str(r[1]) + str(r[0][1]) for r in RULE])
 def test_rule_picks_the_expected_formulation(args, expected):
+  # The pure-JAX rule; where the native CPU kernel takes over is tested in
+  # test_native.py.
   xs, ws, stride, groups = args
   spec = conv_mod.make_spec(xs, ws, stride=stride, padding='SAME', groups=groups)
-  assert (conv_grads.input_grad_rule(spec), conv_grads.weight_grad_rule(spec)) == expected
+  with native.disabled():
+    assert (conv_grads.input_grad_rule(spec), conv_grads.weight_grad_rule(spec)) == expected
 
 
 def test_dispatch_calls_the_named_formulation(monkeypatch):
@@ -221,8 +226,9 @@ def test_dispatch_calls_the_named_formulation(monkeypatch):
   calls = []
   monkeypatch.setitem(conv_grads.INPUT_GRADS, 'dilated', lambda *a: calls.append('dx'))
   monkeypatch.setitem(conv_grads.WEIGHT_GRADS, 'im2col', lambda *a: calls.append('dw'))
-  conv_grads.input_grad(None, None, spec)
-  conv_grads.weight_grad(None, None, spec)
+  with native.disabled():
+    conv_grads.input_grad(None, None, spec)
+    conv_grads.weight_grad(None, None, spec)
   assert calls == ['dx', 'dw']
 
 

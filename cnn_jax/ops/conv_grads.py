@@ -46,11 +46,14 @@ kernel per tap, 9 s for an 11x11 conv (README "Compile time").
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnn_jax.ops import native
 from cnn_jax.ops import shapes
 
 _SPATIAL = {1: 'W', 2: 'HW', 3: 'DHW'}
@@ -524,6 +527,123 @@ def weight_grad_im2col_unrolled(x, dy, spec, chunk: int | None = None):
   return acc.reshape(*spec.kernel, c_in // spec.groups, c_out)
 
 
+def _weight_grad_native_cpu(x, dy, spec):
+  if native.available() and native.supports_weight_grad(x, dy, spec):
+    return native._call_weight_grad(x, dy, spec)
+  return weight_grad_im2col(x, dy, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def weight_grad_native(x, dy, spec):
+  """dW by the native CPU kernel (cnn_jax/ops/native.py): the correlation of
+  Xpad with dY summed in AVX-512 register tiles, no patch matrix. On other
+  platforms, other dtypes or CPUs without the kernel, weight_grad_im2col."""
+  return lax.platform_dependent(
+      x, dy, cpu=functools.partial(_weight_grad_native_cpu, spec=spec),
+      default=functools.partial(weight_grad_im2col, spec=spec))
+
+
+def _weight_grad_native_fwd(x, dy, spec):
+  return weight_grad_native(x, dy, spec), (x, dy)
+
+
+def _weight_grad_native_bwd(spec, res, g):
+  # dW is bilinear in (X, dY). For a cotangent G of dW: the X part is the input
+  # gradient of a convolution with kernel G, the dY part the forward
+  # convolution of X with G. Both are ordinary (differentiable) JAX, so grad
+  # of grad works as it does without the native kernel.
+  x, dy = res
+  dx = input_grad(dy, g.astype(dy.dtype), spec).astype(x.dtype)
+  ddy = lax.conv_general_dilated(
+      x, g.astype(x.dtype), spec.stride, spec.padding, rhs_dilation=spec.dilation,
+      dimension_numbers=dimension_numbers(spec.nd),
+      feature_group_count=spec.groups).astype(dy.dtype)
+  return dx, ddy
+
+
+weight_grad_native.defvjp(_weight_grad_native_fwd, _weight_grad_native_bwd)
+
+
+def _xla_forward(x, w, spec):
+  return lax.conv_general_dilated(
+      x, w, spec.stride, spec.padding, rhs_dilation=spec.dilation,
+      dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
+
+
+def _forward_native_cpu(x, w, spec):
+  if native.available() and native.supports_forward(x, w, spec):
+    return native._call_forward(x, w, spec.stride, spec.padding)
+  return _xla_forward(x, w, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def forward_native(x, w, spec):
+  """Y by the native CPU kernel (cnn_jax/ops/native.py): register tiles of
+  positions x output channels over the kernel rows' contiguous (tap, channel)
+  runs of Xpad, no patch matrix. Elsewhere, XLA's convolution."""
+  return lax.platform_dependent(
+      x, w, cpu=functools.partial(_forward_native_cpu, spec=spec),
+      default=functools.partial(_xla_forward, spec=spec))
+
+
+def _forward_native_fwd(x, w, spec):
+  return forward_native(x, w, spec), (x, w)
+
+
+def _forward_native_bwd(spec, res, g):
+  # The convolution's own backward (only reached when differentiating a
+  # backward pass again, e.g. grad of grad).
+  x, w = res
+  return (input_grad(g, w, spec).astype(x.dtype), weight_grad(x, g, spec).astype(w.dtype))
+
+
+forward_native.defvjp(_forward_native_fwd, _forward_native_bwd)
+
+
+def native_input_grad_padding(spec):
+  """The padding of dY that makes dX a stride-1 convolution with rot180(W)^T:
+  (F - 1 - P_lo) before and whatever reaches the input size after."""
+  pads = []
+  for n, o, k, (lo, _) in zip(spec.in_spatial, spec.out_spatial, spec.kernel, spec.padding):
+    before = k - 1 - lo
+    pads.append((before, n + k - 1 - o - before))
+  return tuple(pads)
+
+
+def _input_grad_native_cpu(dy, w, spec):
+  if native.available() and native.supports_input_grad(dy, w, spec):
+    return native._call_forward(dy, rotate_kernel(w, spec.nd, spec.groups), (1, 1),
+                                native_input_grad_padding(spec))
+  return input_grad_dilated(dy, w, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def input_grad_native(dy, w, spec):
+  """dX for stride 1 by the native forward kernel, as the notes write it: the
+  convolution of the padded dY with the flipped, channel-swapped kernel.
+  Elsewhere, input_grad_dilated (the same formula through XLA)."""
+  return lax.platform_dependent(
+      dy, w, cpu=functools.partial(_input_grad_native_cpu, spec=spec),
+      default=functools.partial(input_grad_dilated, spec=spec))
+
+
+def _input_grad_native_fwd(dy, w, spec):
+  return input_grad_native(dy, w, spec), (dy, w)
+
+
+def _input_grad_native_bwd(spec, res, g):
+  # dX is bilinear in (dY, W): for a cotangent G of dX, the dY part is the
+  # forward convolution of G with W and the W part the weight gradient with
+  # G as the input.
+  dy, w = res
+  ddy = _xla_forward(g.astype(w.dtype), w, spec).astype(dy.dtype)
+  dw = weight_grad(g.astype(dy.dtype), dy, spec).astype(w.dtype)
+  return ddy, dw
+
+
+input_grad_native.defvjp(_input_grad_native_fwd, _input_grad_native_bwd)
+
+
 # ----------------------------------------------------------------------------
 # The rule
 # ----------------------------------------------------------------------------
@@ -534,12 +654,14 @@ INPUT_GRADS = {
     'gemm': input_grad_gemm,
     'im2col': input_grad_im2col,
     'col2im': input_grad_col2im,
+    'native': input_grad_native,
 }
 
 FORWARDS = {
     'xla': None,               # lax.conv_general_dilated (cnn_jax.ops.conv.forward)
     'im2col': forward_im2col,
     'depthwise': forward_depthwise,
+    'native': forward_native,
 }
 
 WEIGHT_GRADS = {
@@ -549,6 +671,7 @@ WEIGHT_GRADS = {
     'im2col': weight_grad_im2col,
     'im2col_unrolled': weight_grad_im2col_unrolled,
     'depthwise': weight_grad_depthwise,
+    'native': weight_grad_native,
 }
 
 
@@ -583,8 +706,23 @@ def _few_input_channels(spec) -> bool:
           and math.prod(spec.kernel) <= COL2IM_MAX_TAPS)
 
 
+# The native forward kernel (and dX through it) beats or ties XLA's CPU
+# convolution up to 256 reduction channels; at 512 (ResNet-18's last stage) XLA's
+# was faster (benchmarks/README.md, "Session 7").
+NATIVE_MAX_REDUCTION_CHANNELS = 256
+
+
+def _native_class(spec) -> bool:
+  """2-D, ungrouped, undilated, kernel larger than 1x1: the native kernels' class."""
+  return (spec.nd == 2 and spec.groups == 1 and spec.dilation == (1, 1)
+          and not _is_1x1(spec))
+
+
 def forward_rule(spec) -> str:
   """Name of the forward formulation for this shape class (see module docstring)."""
+  if (_native_class(spec) and spec.channels[0] <= NATIVE_MAX_REDUCTION_CHANNELS
+      and native.available()):
+    return 'native'
   if not _is_1x1(spec) and _one_channel_per_group(spec):
     return 'depthwise'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.in_spatial, spec):
@@ -596,6 +734,11 @@ def input_grad_rule(spec) -> str:
   """Name of the dL/dX formulation for this shape class (see module docstring)."""
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
+  if (_native_class(spec) and spec.stride == (1, 1)
+      and spec.channels[1] <= NATIVE_MAX_REDUCTION_CHANNELS
+      and all(a >= 0 and b >= 0 for a, b in native_input_grad_padding(spec))
+      and native.available()):
+    return 'native'
   if not _is_1x1(spec) and _few_input_channels(spec):
     return 'col2im'
   if spec.nd > 1 and not _is_1x1(spec) and _smaller_than_window(spec.out_spatial, spec):
@@ -611,6 +754,8 @@ def weight_grad_rule(spec) -> str:
     return 'depthwise'
   if spec.nd == 1 and spec.groups == 1:
     return 'correlation'
+  if _native_class(spec) and native.available():
+    return 'native'
   return 'im2col'
 
 
