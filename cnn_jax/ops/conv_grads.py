@@ -9,6 +9,20 @@ summed over batch and positions, the shared-weight rule). Formulations differ
 only in how the sums are laid out for the hardware; `input_grad` and
 `weight_grad` pick one by a fixed rule on the shape class (never by timing):
 
+  On CPU, when the native kernels are available (cnn_jax/ops/native.py: built,
+  AVX-512F, not switched off), float32 2-D convolutions with groups == 1,
+  dilation 1 and a kernel larger than 1x1 go to them first:
+
+  dW  all of that class            -> weight_grad_native    (register tiles over
+                                      Xpad and dY; 2-7x the im2col GEMMs)
+  Y   C_in <= 256                  -> forward_native        (same tiles, no patch
+                                      matrix; 1-9x XLA's below 512 channels)
+  dX  C_out <= 256                 -> input_grad_native     (the forward kernel on
+                                      padded dY with rot180(W)^T: the notes' formula;
+                                      one per sub-pixel phase at stride > 1)
+
+  Otherwise (other platforms, dtypes, classes, or the native kernels off):
+
   dW  1x1 kernel                   -> weight_grad_gemm      (one GEMM per group)
       depthwise (C_in = C_out =    -> weight_grad_depthwise (per tap, one fused
       groups), k > 1                  multiply-and-reduce)
@@ -291,7 +305,14 @@ def _phase(a, k, s, d, p_out, m_out):
   return first, step, dil, (lo, m_out - p_out - j0)
 
 
-def input_grad_phases(dy, w, spec):
+def _xla_phase_conv(dy, sub, padding, dilation, groups):
+  return lax.conv_general_dilated(
+      dy, sub, window_strides=(1,) * (dy.ndim - 2), padding=padding,
+      rhs_dilation=dilation, dimension_numbers=dimension_numbers(dy.ndim - 2),
+      feature_group_count=groups)
+
+
+def input_grad_phases(dy, w, spec, phase_conv=_xla_phase_conv):
   """dL/dX by sub-pixel phases: S^nd stride-1 convolutions, then interleave.
 
   dilate_S(dY) is mostly zeros; output positions q = m*S + a with the same
@@ -316,10 +337,8 @@ def input_grad_phases(dy, w, spec):
       continue
     sub = v[tuple(slice(f, None, st) for f, st, _, _ in dims)]
     sub = jnp.flip(sub, axis=tuple(range(nd)))
-    phases.append(lax.conv_general_dilated(
-        dy, sub.astype(dy.dtype), window_strides=(1,) * nd,
-        padding=[p for _, _, _, p in dims], rhs_dilation=[dl for _, _, dl, _ in dims],
-        dimension_numbers=dimension_numbers(nd), feature_group_count=spec.groups))
+    phases.append(phase_conv(dy, sub.astype(dy.dtype), [p for _, _, _, p in dims],
+                             [dl for _, _, dl, _ in dims], spec.groups))
   # (S_1, ..., S_nd, N, *M, C) -> (N, M_1, S_1, ..., M_nd, S_nd, C) -> dXpad.
   out = jnp.stack(phases).reshape(*spec.stride, n, *m_out, c_in)
   perm = [nd] + [ax for i in range(nd) for ax in (nd + 1 + i, i)] + [2 * nd + 1]
@@ -610,18 +629,32 @@ def native_input_grad_padding(spec):
   return tuple(pads)
 
 
+def _native_phase_conv(dy, sub, padding, dilation, groups):
+  """One phase of input_grad_phases on the native forward kernel (stride 1);
+  a negative padding (a phase whose window overhangs dY's end) crops first."""
+  crop = tuple(slice(max(0, -lo), dy.shape[1 + i] - max(0, -hi))
+               for i, (lo, hi) in enumerate(padding))
+  dy = dy[(slice(None),) + crop]
+  pads = tuple((max(0, lo), max(0, hi)) for lo, hi in padding)
+  return native._call_forward(dy, sub, (1, 1), pads)
+
+
 def _input_grad_native_cpu(dy, w, spec):
   if native.available() and native.supports_input_grad(dy, w, spec):
-    return native._call_forward(dy, rotate_kernel(w, spec.nd, spec.groups), (1, 1),
-                                native_input_grad_padding(spec))
+    if spec.stride == (1, 1):
+      return native._call_forward(dy, rotate_kernel(w, spec.nd, spec.groups), (1, 1),
+                                  native_input_grad_padding(spec))
+    return input_grad_phases(dy, w, spec, phase_conv=_native_phase_conv)
   return input_grad_dilated(dy, w, spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def input_grad_native(dy, w, spec):
-  """dX for stride 1 by the native forward kernel, as the notes write it: the
-  convolution of the padded dY with the flipped, channel-swapped kernel.
-  Elsewhere, input_grad_dilated (the same formula through XLA)."""
+  """dX by the native forward kernel, as the notes write it: the convolution of
+  the padded dY with the flipped, channel-swapped kernel; at stride S > 1 one
+  such convolution per sub-pixel phase (input_grad_phases: the zeros that
+  dilate_S inserts are never multiplied). Elsewhere, input_grad_dilated (the
+  same formula through XLA)."""
   return lax.platform_dependent(
       dy, w, cpu=functools.partial(_input_grad_native_cpu, spec=spec),
       default=functools.partial(input_grad_dilated, spec=spec))
@@ -734,9 +767,9 @@ def input_grad_rule(spec) -> str:
   """Name of the dL/dX formulation for this shape class (see module docstring)."""
   if _is_1x1(spec) and spec.groups == 1:
     return 'gemm'
-  if (_native_class(spec) and spec.stride == (1, 1)
-      and spec.channels[1] <= NATIVE_MAX_REDUCTION_CHANNELS
-      and all(a >= 0 and b >= 0 for a, b in native_input_grad_padding(spec))
+  if (_native_class(spec) and spec.channels[1] <= NATIVE_MAX_REDUCTION_CHANNELS
+      and (spec.stride != (1, 1)
+           or all(a >= 0 and b >= 0 for a, b in native_input_grad_padding(spec)))
       and native.available()):
     return 'native'
   if not _is_1x1(spec) and _few_input_channels(spec):

@@ -189,12 +189,13 @@ def supports_forward(x, w, spec) -> bool:
 
 
 def supports_input_grad(dy, w, spec) -> bool:
-  """dX through the forward kernel: stride 1 and a padding it can express."""
+  """dX through the forward kernel: at stride 1 a padding it can express (at
+  stride > 1 the phases crop instead)."""
   return (supports_weight_grad(dy, dy, spec) and w.dtype == jnp.float32
-          and spec.stride == (1, 1)
-          and all(lo <= k - 1 and n + k - 1 - o - (k - 1 - lo) >= 0
-                  for n, o, k, (lo, _) in zip(spec.in_spatial, spec.out_spatial,
-                                              spec.kernel, spec.padding)))
+          and (spec.stride != (1, 1)
+               or all(lo <= k - 1 and n + k - 1 - o - (k - 1 - lo) >= 0
+                      for n, o, k, (lo, _) in zip(spec.in_spatial, spec.out_spatial,
+                                                  spec.kernel, spec.padding))))
 
 
 def _call_forward(x, w, stride, padding):

@@ -21,11 +21,11 @@
 // matrix. Positions are taken in chunks of whole output rows sized for L2.
 //
 // Threads: XLA's intra-op pool (the FFI ThreadPool context). Small dW (the
-// common case: up to 512 KiB) splits the positions across threads, each summing
-// into a private dW, reduced at the end; large dW splits its rows instead, every
-// thread reading all positions. Either way the sum over positions is taken in a
-// fixed order per output element for a given split, so results do not depend on
-// thread timing beyond float association across chunks (see tests).
+// common case: up to 512 KiB) splits the positions into fixed groups, each
+// summed into a private dW, the partials added in order at the end; large dW
+// splits its rows instead, every thread reading all positions. Each output
+// element is summed in an order fixed by the shapes and the pool size, never
+// by thread timing, so results are bit-for-bit reproducible.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -286,27 +286,20 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       p.chunk_rows = std::max<int64_t>(1, (total_rows + 2 * workers - 1) / (2 * workers));
       p.chunks = (total_rows + p.chunk_rows - 1) / p.chunk_rows;
     }
-    std::vector<std::unique_ptr<float[]>> partial(workers);
-    std::vector<char> used(workers, 0);
-    // Each item is one chunk; a worker's first item overwrites its partial.
-    ParallelFor(pool, p.chunks, workers, [&](int64_t k, int worker) {
-      bool fresh = !used[worker];
-      if (fresh) {
-        partial[worker].reset(new float[out_size]);
-        used[worker] = 1;
-      }
-      DwBlock(p, k, k + 1, 0, p.m, partial[worker].get(), fresh);
+    // Fixed groups of consecutive chunks, each summed in order into its own
+    // partial dW, then the partials summed in order: the result does not
+    // depend on which thread ran which group (training stays bit-for-bit
+    // reproducible, e.g. across a checkpoint resume).
+    const int64_t parts = std::min<int64_t>(p.chunks, std::max<int64_t>(4, 2 * workers));
+    std::unique_ptr<float[]> partial(new float[parts * out_size]);
+    ParallelFor(pool, parts, workers, [&](int64_t part, int) {
+      const int64_t k_lo = part * p.chunks / parts, k_hi = (part + 1) * p.chunks / parts;
+      DwBlock(p, k_lo, k_hi, 0, p.m, partial.get() + part * out_size, true);
     });
-    bool have = false;
-    for (int t = 0; t < workers; ++t) {
-      if (!used[t]) continue;
-      if (!have) {
-        std::memcpy(out, partial[t].get(), dw_bytes);
-        have = true;
-      } else {
-        const float* s = partial[t].get();
-        for (int64_t e = 0; e < out_size; ++e) out[e] += s[e];
-      }
+    std::memcpy(out, partial.get(), dw_bytes);
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* s = partial.get() + part * out_size;
+      for (int64_t e = 0; e < out_size; ++e) out[e] += s[e];
     }
   } else {
     // Split dW rows (within every kernel row) into blocks of whole tiles.
