@@ -372,8 +372,14 @@ def test_forward_backward_same_with_flax_conv(case):
   flat1 = jax.tree_util.tree_leaves_with_path(g1)
   flat2 = jax.tree_util.tree_leaves(g2)
   assert len(flat1) == len(flat2) == len(jax.tree_util.tree_leaves(params))
+  # Some gradients are exactly zero in exact arithmetic (a conv bias followed
+  # by BatchNorm; ffcnn's bn2d beta, whose routed sum cancels over the batch
+  # because bn1d's input gradient sums to zero). Both sides then hold float32
+  # rounding noise summed in different orders (our kernels vs XLA's), so the
+  # tolerance has a floor relative to the largest gradient of the model.
+  floor = 1e-5 * max(float(np.abs(np.asarray(b)).max()) for b in flat2)
   for (path, a), b in zip(flat1, flat2):
     where = jax.tree_util.keystr(path)
     assert np.abs(np.asarray(a)).max() > 0, f'no gradient reaches {where}'
-    tol = 1e-4 * float(np.abs(np.asarray(b)).max())
+    tol = 1e-4 * float(np.abs(np.asarray(b)).max()) + floor
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=tol, err_msg=where)

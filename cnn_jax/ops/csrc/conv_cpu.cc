@@ -90,27 +90,72 @@ int NumWorkers(ffi::ThreadPool& pool) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, 64)));
 }
 
-// A zero-padded copy of an NHWC tensor, or null when every pad is zero.
-std::unique_ptr<float[]> PadNHWC(ffi::ThreadPool& pool, int workers, const float* src,
-                                 int64_t n, int64_t h, int64_t w, int64_t c, int64_t pt,
-                                 int64_t pb, int64_t pl, int64_t pr) {
-  if (!(pt || pb || pl || pr)) return nullptr;
-  const int64_t hp = h + pt + pb, wp = w + pl + pr;
-  std::unique_ptr<float[]> padded(new float[n * hp * wp * c]);
-  float* dst = padded.get();
-  const int64_t row_in = w * c, row_out = wp * c;
-  ParallelFor(pool, n, workers, [&](int64_t nn, int) {
-    float* img = dst + nn * hp * row_out;
-    std::memset(img, 0, pt * row_out * sizeof(float));
-    for (int64_t hh = 0; hh < h; ++hh) {
-      float* d = img + (pt + hh) * row_out;
-      std::memset(d, 0, pl * c * sizeof(float));
-      std::memcpy(d + pl * c, src + (nn * h + hh) * row_in, row_in * sizeof(float));
-      std::memset(d + pl * c + row_in, 0, pr * c * sizeof(float));
+// ---------------------------------------------------------------------------
+// Chunks of the input, zero-padded in a per-thread buffer that stays in cache
+// (a padded copy of the whole tensor cost as much as the arithmetic on
+// 16-channel layers: one more write and read of X through memory).
+// ---------------------------------------------------------------------------
+struct Geometry {
+  int64_t n, h, w, ci, ho, wo, kh, kw, sh, sw, pt, pl, hp, wp;
+};
+
+// Output rows [p0, p1) of images [n0, n1): whole images when n1 - n0 > 1.
+struct Chunk {
+  int64_t n0, n1, p0, p1;
+};
+
+// Chunks of about `budget` bytes of padded input rows, at least `min_chunks`
+// of them where the shapes allow.
+std::vector<Chunk> MakeChunks(const Geometry& g, int64_t budget, int64_t min_chunks) {
+  std::vector<Chunk> chunks;
+  const int64_t image_bytes = g.hp * g.wp * g.ci * 4;
+  if (image_bytes <= budget) {
+    int64_t per = std::max<int64_t>(1, budget / std::max<int64_t>(image_bytes, 1));
+    per = std::min(per, std::max<int64_t>(1, (g.n + min_chunks - 1) / min_chunks));
+    for (int64_t n0 = 0; n0 < g.n; n0 += per) chunks.push_back({n0, std::min(g.n, n0 + per), 0, g.ho});
+    if (static_cast<int64_t>(chunks.size()) >= min_chunks || g.ho == 1) return chunks;
+    chunks.clear();   // too few images: split their rows instead
+  }
+  const int64_t row_bytes = std::max<int64_t>(1, g.sh * g.wp * g.ci * 4);
+  int64_t rows = std::max<int64_t>(1, budget / row_bytes);
+  const int64_t per_image = std::max<int64_t>(1, (min_chunks + g.n - 1) / g.n);
+  rows = std::min(rows, std::max<int64_t>(1, (g.ho + per_image - 1) / per_image));
+  for (int64_t n0 = 0; n0 < g.n; ++n0)
+    for (int64_t p0 = 0; p0 < g.ho; p0 += rows) chunks.push_back({n0, n0 + 1, p0, std::min(g.ho, p0 + rows)});
+  return chunks;
+}
+
+// Where a chunk's padded input lives: padded row r of image n is at
+// base + (n - n0) * img_stride + (r - r_lo) * row_stride.
+struct ChunkView {
+  const float* base;
+  int64_t img_stride, row_stride, r_lo;
+};
+
+ChunkView ViewChunk(const Geometry& g, const float* x, const Chunk& c, bool padded,
+                    std::vector<float>& buf) {
+  const int64_t r_lo = c.p0 * g.sh;
+  const int64_t r_hi = (c.p1 - 1) * g.sh + g.kh;
+  if (!padded) {   // Xpad is X: read it in place
+    return {x + (c.n0 * g.h + r_lo) * g.w * g.ci, g.h * g.w * g.ci, g.w * g.ci, r_lo};
+  }
+  const int64_t rows = r_hi - r_lo, row = g.wp * g.ci;
+  buf.resize((c.n1 - c.n0) * rows * row);
+  float* dst = buf.data();
+  for (int64_t n = c.n0; n < c.n1; ++n) {
+    for (int64_t r = r_lo; r < r_hi; ++r, dst += row) {
+      const int64_t ih = r - g.pt;
+      if (ih < 0 || ih >= g.h) {
+        std::memset(dst, 0, row * sizeof(float));
+        continue;
+      }
+      const int64_t left = g.pl * g.ci, body = g.w * g.ci;
+      std::memset(dst, 0, left * sizeof(float));
+      std::memcpy(dst + left, x + (n * g.h + ih) * body, body * sizeof(float));
+      std::memset(dst + left + body, 0, (row - left - body) * sizeof(float));
     }
-    std::memset(img + (pt + h) * row_out, 0, pb * row_out * sizeof(float));
-  });
-  return padded;
+  }
+  return {buf.data(), rows * row, row, r_lo};
 }
 
 // ---------------------------------------------------------------------------
@@ -174,13 +219,13 @@ const auto kTiles1Tail = MakeTable<1, true>(std::make_integer_sequence<int, kMax
 const auto kTiles2Tail = MakeTable<2, true>(std::make_integer_sequence<int, kMaxRows2>{});
 
 struct DwProblem {
-  int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw;
-  int64_t hp, wp;          // padded input
-  const float* xpad;       // (n, hp, wp, ci)
+  Geometry g;
+  int64_t co;
+  bool padded;             // any nonzero padding
+  const float* x;          // (n, h, w, ci)
   const float* dy;         // (n, ho, wo, co)
   int64_t m;               // kw * ci: rows of dW per kernel row
-  int64_t chunk_rows;      // output rows per chunk
-  int64_t chunks;
+  std::vector<Chunk> chunks;
 };
 
 // dW rows [r_lo, r_hi) of every kernel row, summed over the chunks [k_lo, k_hi),
@@ -188,27 +233,31 @@ struct DwProblem {
 // when `overwrite`.
 void DwBlock(const DwProblem& p, int64_t k_lo, int64_t k_hi, int64_t r_lo,
              int64_t r_hi, float* c, bool overwrite) {
+  const Geometry& g = p.g;
   const int v_count = p.co > 16 ? 2 : 1;
   const int max_rows = v_count == 2 ? kMaxRows2 : kMaxRows1;
   const int64_t co_step = 16 * v_count;
   if (overwrite) {
-    for (int64_t i = 0; i < p.kh; ++i)
+    for (int64_t i = 0; i < g.kh; ++i)
       std::memset(c + (i * p.m + r_lo) * p.co, 0, (r_hi - r_lo) * p.co * sizeof(float));
   }
-  std::vector<int64_t> a_off(p.chunk_rows * p.wo);
+  thread_local std::vector<float> buf;
+  std::vector<int64_t> a_off;
   for (int64_t k = k_lo; k < k_hi; ++k) {
-    const int64_t g0 = k * p.chunk_rows;
-    const int64_t g1 = std::min(g0 + p.chunk_rows, p.n * p.ho);
-    const int64_t count = (g1 - g0) * p.wo;
-    for (int64_t i = 0; i < p.kh; ++i) {
-      // Offsets of each position's Xpad start (kernel row i) from the chunk's first.
-      const int64_t base_n = g0 / p.ho, base_p = g0 % p.ho;
-      const int64_t base = ((base_n * p.hp + base_p * p.sh + i) * p.wp) * p.ci;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nn = g / p.ho, pp = g % p.ho;
-        const int64_t row = ((nn * p.hp + pp * p.sh + i) * p.wp) * p.ci - base;
-        for (int64_t q = 0; q < p.wo; ++q) a_off[(g - g0) * p.wo + q] = row + q * p.sw * p.ci;
-      }
+    const Chunk& ch = p.chunks[k];
+    const ChunkView view = ViewChunk(g, p.x, ch, p.padded, buf);
+    const int64_t count = (ch.n1 - ch.n0) * (ch.p1 - ch.p0) * g.wo;
+    const float* dy0 = p.dy + (ch.n0 * g.ho + ch.p0) * g.wo * p.co;   // rows contiguous
+    a_off.resize(count);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      // Offset of each position's kw*C_in run (kernel row i) in the chunk view.
+      int64_t t = 0;
+      for (int64_t n = ch.n0; n < ch.n1; ++n)
+        for (int64_t pp = ch.p0; pp < ch.p1; ++pp) {
+          const int64_t row = (n - ch.n0) * view.img_stride +
+                              (pp * g.sh + i - view.r_lo) * view.row_stride;
+          for (int64_t q = 0; q < g.wo; ++q) a_off[t++] = row + q * g.sw * g.ci;
+        }
       for (int64_t r0 = r_lo; r0 < r_hi; r0 += max_rows) {
         const int mr = static_cast<int>(std::min<int64_t>(max_rows, r_hi - r0));
         for (int64_t o0 = 0; o0 < p.co; o0 += co_step) {
@@ -220,8 +269,7 @@ void DwBlock(const DwProblem& p, int64_t k_lo, int64_t k_hi, int64_t r_lo,
           const int64_t last = width - 16 * (v - 1);
           const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
           const bool partial = last < 16;
-          Rows rows{p.xpad + base + r0, a_off.data(), p.dy + g0 * p.wo * p.co + o0,
-                    count, p.co};
+          Rows rows{view.base + r0, a_off.data(), dy0 + o0, count, p.co};
           float* tile = c + (i * p.m + r0) * p.co + o0;
           if (v == 2) {
             (partial ? kTiles2Tail : kTiles2)[mr - 1](rows, tile, p.co, tail);
@@ -246,54 +294,44 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("cnn_conv2d_weight_grad: expects 4-D NHWC x, dy and (kh, kw, C_in, C_out) dw");
   }
   DwProblem p;
-  p.n = xd[0]; p.h = xd[1]; p.w = xd[2]; p.ci = xd[3];
-  p.ho = yd[1]; p.wo = yd[2]; p.co = yd[3];
-  p.kh = kh; p.kw = kw; p.sh = sh; p.sw = sw;
-  if (yd[0] != p.n || wd[0] != kh || wd[1] != kw || wd[2] != p.ci || wd[3] != p.co ||
+  Geometry& g = p.g;
+  g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.ci = xd[3];
+  g.ho = yd[1]; g.wo = yd[2]; p.co = yd[3];
+  g.kh = kh; g.kw = kw; g.sh = sh; g.sw = sw; g.pt = pad_top; g.pl = pad_left;
+  if (yd[0] != g.n || wd[0] != kh || wd[1] != kw || wd[2] != g.ci || wd[3] != p.co ||
       pad_top < 0 || pad_bottom < 0 || pad_left < 0 || pad_right < 0 || sh < 1 || sw < 1) {
     return ffi::Error::InvalidArgument("cnn_conv2d_weight_grad: inconsistent shapes or attributes");
   }
-  p.hp = p.h + pad_top + pad_bottom;
-  p.wp = p.w + pad_left + pad_right;
-  if ((p.ho - 1) * sh + kh > p.hp || (p.wo - 1) * sw + kw > p.wp) {
+  g.hp = g.h + pad_top + pad_bottom;
+  g.wp = g.w + pad_left + pad_right;
+  if ((g.ho - 1) * sh + kh > g.hp || (g.wo - 1) * sw + kw > g.wp) {
     return ffi::Error::InvalidArgument("cnn_conv2d_weight_grad: output larger than the padded input allows");
   }
-  p.m = kw * p.ci;
+  p.m = kw * g.ci;
   float* out = dw->typed_data();
   const int64_t out_size = kh * p.m * p.co;
-  if (p.n * p.ho * p.wo == 0) {
+  if (g.n * g.ho * g.wo == 0) {
     std::memset(out, 0, out_size * sizeof(float));
     return ffi::Error::Success();
   }
   const int workers = NumWorkers(pool);
-
-  // Zero-padded copy of X (none when the padding is zero).
-  std::unique_ptr<float[]> padded = PadNHWC(pool, workers, x.typed_data(), p.n, p.h, p.w,
-                                            p.ci, pad_top, pad_bottom, pad_left, pad_right);
-  p.xpad = padded ? padded.get() : x.typed_data();
+  p.padded = pad_top || pad_bottom || pad_left || pad_right;
+  p.x = x.typed_data();
   p.dy = dy.typed_data();
-
-  // Chunks of whole output rows, ~512 KiB of Xpad rows and dY rows each.
-  const int64_t row_bytes = (p.sh * p.wp * p.ci + p.wo * p.co) * 4;
-  const int64_t total_rows = p.n * p.ho;
-  p.chunk_rows = std::max<int64_t>(1, std::min<int64_t>(total_rows, (512 << 10) / std::max<int64_t>(row_bytes, 1)));
-  p.chunks = (total_rows + p.chunk_rows - 1) / p.chunk_rows;
+  // Chunks of ~256 KiB of padded input (with their dY rows, within L2).
+  p.chunks = MakeChunks(g, 256 << 10, 2 * workers);
+  const int64_t n_chunks = static_cast<int64_t>(p.chunks.size());
 
   const int64_t dw_bytes = out_size * 4;
   if (dw_bytes <= (512 << 10) || workers == 1) {
-    // Split positions: at least 2 chunks per worker for balance.
-    if (workers > 1 && p.chunks < 2 * workers) {
-      p.chunk_rows = std::max<int64_t>(1, (total_rows + 2 * workers - 1) / (2 * workers));
-      p.chunks = (total_rows + p.chunk_rows - 1) / p.chunk_rows;
-    }
     // Fixed groups of consecutive chunks, each summed in order into its own
     // partial dW, then the partials summed in order: the result does not
     // depend on which thread ran which group (training stays bit-for-bit
     // reproducible, e.g. across a checkpoint resume).
-    const int64_t parts = std::min<int64_t>(p.chunks, std::max<int64_t>(4, 2 * workers));
+    const int64_t parts = std::min<int64_t>(n_chunks, std::max<int64_t>(4, 2 * workers));
     std::unique_ptr<float[]> partial(new float[parts * out_size]);
     ParallelFor(pool, parts, workers, [&](int64_t part, int) {
-      const int64_t k_lo = part * p.chunks / parts, k_hi = (part + 1) * p.chunks / parts;
+      const int64_t k_lo = part * n_chunks / parts, k_hi = (part + 1) * n_chunks / parts;
       DwBlock(p, k_lo, k_hi, 0, p.m, partial.get() + part * out_size, true);
     });
     std::memcpy(out, partial.get(), dw_bytes);
@@ -310,7 +348,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     ParallelFor(pool, items, workers, [&](int64_t it, int) {
       const int64_t r_lo = std::min(p.m, it * per * tile_rows);
       const int64_t r_hi = std::min(p.m, (it + 1) * per * tile_rows);
-      if (r_lo < r_hi) DwBlock(p, 0, p.chunks, r_lo, r_hi, out, true);
+      if (r_lo < r_hi) DwBlock(p, 0, n_chunks, r_lo, r_hi, out, true);
     });
   }
   return ffi::Error::Success();
@@ -416,23 +454,19 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* out = y->typed_data();
   if (n * ho * wo * co == 0) return ffi::Error::Success();
   const int workers = NumWorkers(pool);
-  std::unique_ptr<float[]> padded = PadNHWC(pool, workers, x.typed_data(), n, h, wi, ci,
-                                            pad_top, pad_bottom, pad_left, pad_right);
-  const float* xpad = padded ? padded.get() : x.typed_data();
+  const Geometry g{n, h, wi, ci, ho, wo, kh, kw, sh, sw, pad_top, pad_left, hp, wp};
+  const bool padded = pad_top || pad_bottom || pad_left || pad_right;
   const float* wt = w.typed_data();
   const int64_t m = kw * ci;
 
-  // Output-channel blocks of up to 64 (4 vectors); rows in chunks of ~256 KiB
-  // of Xpad; one item = (chunk, block).
+  // Output-channel blocks of up to 64 (4 vectors); chunks of ~256 KiB of
+  // padded input. One item = a chunk and all its blocks (the chunk padded
+  // once), or a (chunk, block) pair when there are too few chunks to share.
   const int64_t block = std::min<int64_t>(64, ((co + 15) / 16) * 16);
   const int64_t blocks = (co + block - 1) / block;
-  const int64_t total_rows = n * ho;
-  const int64_t row_bytes = std::max<int64_t>(1, (sh + kh) * wp * ci * 4);
-  int64_t chunk_rows = std::max<int64_t>(1, std::min<int64_t>(total_rows, (256 << 10) / row_bytes));
-  if (workers > 1 && ((total_rows + chunk_rows - 1) / chunk_rows) * blocks < 4 * workers) {
-    chunk_rows = std::max<int64_t>(1, (total_rows * blocks + 4 * workers - 1) / (4 * workers));
-  }
-  const int64_t chunks = (total_rows + chunk_rows - 1) / chunk_rows;
+  const std::vector<Chunk> chunks = MakeChunks(g, 256 << 10, 4 * workers);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t split = n_chunks >= 2 * workers ? 1 : blocks;
   // The reduction (kernel rows i, then r within a row) in blocks whose weight
   // panel fits kFwdPanelBytes: all kernel rows at once when it fits, else
   // blocks of r within each kernel row.
@@ -446,28 +480,35 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t r0 = 0; r0 < m; r0 += rb) kblocks.push_back({i, 1, r0, std::min(rb, m - r0)});
   }
-  ParallelFor(pool, chunks * blocks, workers, [&](int64_t item, int) {
-    const int64_t k = item / blocks, b = item % blocks;
-    const int64_t o0 = b * block;
-    const int64_t width = std::min(block, co - o0);
-    const int v = static_cast<int>((width + 15) / 16);
-    const int64_t last = width - 16 * (v - 1);
-    const bool tail = last < 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << last) - 1u);
-    const int mp_max = kFwdPositions[v];
-    const int64_t g1 = std::min(total_rows, (k + 1) * chunk_rows);
-    for (size_t kb = 0; kb < kblocks.size(); ++kb) {
-      const KBlock& blk = kblocks[kb];
-      const float* wblk = wt + (blk.i0 * m + blk.r0) * co + o0;
-      for (int64_t g = k * chunk_rows; g < g1; ++g) {
-        const int64_t nn = g / ho, pp = g % ho;
-        const float* arow = xpad + ((nn * hp + pp * sh + blk.i0) * wp) * ci + blk.r0;
-        float* yrow = out + g * wo * co + o0;
-        for (int64_t q0 = 0; q0 < wo; q0 += mp_max) {
-          const int mp = static_cast<int>(std::min<int64_t>(mp_max, wo - q0));
-          FwdKernel(v, tail, kb > 0, mp)(arow + q0 * sw * ci, sw * ci, wp * ci, blk.rows_i,
-                                         blk.m, wblk, m * co, co, yrow + q0 * co, co, mask);
-        }
+  ParallelFor(pool, n_chunks * split, workers, [&](int64_t item, int) {
+    const Chunk& ch = chunks[item / split];
+    thread_local std::vector<float> buf;
+    const ChunkView view = ViewChunk(g, x.typed_data(), ch, padded, buf);
+    const int64_t b_lo = split == 1 ? 0 : item % split;
+    const int64_t b_hi = split == 1 ? blocks : b_lo + 1;
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+      const int64_t o0 = b * block;
+      const int64_t width = std::min(block, co - o0);
+      const int v = static_cast<int>((width + 15) / 16);
+      const int64_t last = width - 16 * (v - 1);
+      const bool tail = last < 16;
+      const __mmask16 mask = static_cast<__mmask16>((1u << last) - 1u);
+      const int mp_max = kFwdPositions[v];
+      for (size_t kb = 0; kb < kblocks.size(); ++kb) {
+        const KBlock& blk = kblocks[kb];
+        const float* wblk = wt + (blk.i0 * m + blk.r0) * co + o0;
+        for (int64_t nn = ch.n0; nn < ch.n1; ++nn)
+          for (int64_t pp = ch.p0; pp < ch.p1; ++pp) {
+            const float* arow = view.base + (nn - ch.n0) * view.img_stride +
+                                (pp * sh + blk.i0 - view.r_lo) * view.row_stride + blk.r0;
+            float* yrow = out + (nn * ho + pp) * wo * co + o0;
+            for (int64_t q0 = 0; q0 < wo; q0 += mp_max) {
+              const int mp = static_cast<int>(std::min<int64_t>(mp_max, wo - q0));
+              FwdKernel(v, tail, kb > 0, mp)(arow + q0 * sw * ci, sw * ci, view.row_stride,
+                                             blk.rows_i, blk.m, wblk, m * co, co,
+                                             yrow + q0 * co, co, mask);
+            }
+          }
       }
     }
   });
