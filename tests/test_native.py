@@ -170,7 +170,11 @@ def test_rule_picks_native_for_its_class_only():
     return conv_grads.forward_rule(spec), conv_grads.input_grad_rule(spec)
 
   assert rules((8, 32, 32, 16), (3, 3, 16, 16)) == ('native', 'native')
-  assert rules((8, 32, 32, 1), (5, 5, 1, 6), padding='VALID') == ('native', 'native')
+  assert rules((8, 32, 32, 8), (5, 5, 8, 6), padding='VALID') == ('native', 'native')
+  # Few input channels or dY smaller than the window: col2im stays (the padded
+  # dY would be mostly zeros, or the output vectors mostly empty).
+  assert rules((8, 32, 32, 1), (5, 5, 1, 6), padding='VALID') == ('native', 'col2im')
+  assert rules((8, 5, 5, 16), (5, 5, 16, 120), padding='VALID') == ('native', 'col2im')
   assert rules((8, 32, 32, 16), (3, 3, 16, 32), stride=2) == ('native', 'native')
   # Past NATIVE_MAX_REDUCTION_CHANNELS (C_in for Y, C_out for dX): XLA's.
   assert rules((8, 7, 7, 512), (3, 3, 512, 512)) == ('xla', 'dilated')
