@@ -180,7 +180,8 @@ def test_rule_picks_native_for_its_class_only():
   assert rules((8, 7, 7, 512), (3, 3, 512, 512)) == ('xla', 'dilated')
   assert rules((8, 7, 7, 256), (3, 3, 256, 512)) == ('native', 'dilated')
   assert rules((8, 16, 16, 8), (1, 1, 8, 16)) == ('xla', 'gemm')
-  assert rule((8, 2, 2, 512), (3, 3, 512, 512)) == 'native'
+  assert rule((8, 4, 4, 512), (3, 3, 512, 512)) == 'native'
+  assert rule((8, 2, 2, 512), (3, 3, 512, 512)) == 'im2col'       # map < window
   assert rule((8, 16, 16, 8), (1, 1, 8, 16)) == 'gemm'            # 1x1: one XLA GEMM
   assert rule((8, 16, 16, 8), (3, 3, 1, 8), groups=8) == 'depthwise'
   assert rule((8, 16, 16, 8), (3, 3, 2, 8), groups=4) == 'im2col'  # grouped
