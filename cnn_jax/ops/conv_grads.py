@@ -546,6 +546,12 @@ def weight_grad_im2col_unrolled(x, dy, spec, chunk: int | None = None):
   return acc.reshape(*spec.kernel, c_in // spec.groups, c_out)
 
 
+def _xla_forward(x, w, spec):
+  return lax.conv_general_dilated(
+      x, w, spec.stride, spec.padding, rhs_dilation=spec.dilation,
+      dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
+
+
 def _weight_grad_native_cpu(x, dy, spec):
   if native.available() and native.supports_weight_grad(x, dy, spec):
     return native._call_weight_grad(x, dy, spec)
@@ -573,20 +579,11 @@ def _weight_grad_native_bwd(spec, res, g):
   # of grad works as it does without the native kernel.
   x, dy = res
   dx = input_grad(dy, g.astype(dy.dtype), spec).astype(x.dtype)
-  ddy = lax.conv_general_dilated(
-      x, g.astype(x.dtype), spec.stride, spec.padding, rhs_dilation=spec.dilation,
-      dimension_numbers=dimension_numbers(spec.nd),
-      feature_group_count=spec.groups).astype(dy.dtype)
+  ddy = _xla_forward(x, g.astype(x.dtype), spec).astype(dy.dtype)
   return dx, ddy
 
 
 weight_grad_native.defvjp(_weight_grad_native_fwd, _weight_grad_native_bwd)
-
-
-def _xla_forward(x, w, spec):
-  return lax.conv_general_dilated(
-      x, w, spec.stride, spec.padding, rhs_dilation=spec.dilation,
-      dimension_numbers=dimension_numbers(spec.nd), feature_group_count=spec.groups)
 
 
 def _forward_native_cpu(x, w, spec):
