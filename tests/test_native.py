@@ -124,6 +124,42 @@ def test_native_forward_splits_a_long_reduction():
 
 
 @needs_native
+@pytest.mark.parametrize('c_out', [6, 17, 40])
+def test_native_tail_lanes_do_not_leak(c_out):
+  """Where C_out is not a multiple of 16, the dW tile reads whole vectors of
+  dY (the lanes past C_out belong to the next position and are never stored)
+  and the forward kernel reads a zero-padded copy of W. A NaN in one channel
+  of one position of dY (or one column of W) must then reach exactly the dW
+  (or Y) entries it reaches in the reference, and the last positions of dY,
+  run from a padded copy, must count once."""
+  xs = (2, 6, 7, 3)
+  rng = np.random.default_rng(c_out)
+  spec = conv_mod.make_spec(xs, (3, 3, 3, c_out), padding='SAME')
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  dy = rng.standard_normal((2, 6, 7, c_out)).astype(np.float32)
+  dy[1, 2, 3, c_out - 1] = np.nan      # the next position's lanes hold channel 0 of it
+  dy[0, 4, 1, 0] = np.nan
+  dy = jnp.asarray(dy)
+  got = np.asarray(jax.jit(lambda x, dy: native._call_weight_grad(x, dy, spec))(x, dy))
+  want = np.asarray(jax.jit(lambda x, dy: _reference_dw(x, dy, spec))(x, dy))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  assert np.isnan(want).any() and not np.isnan(want).all()
+  finite = ~np.isnan(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5,
+                             atol=1e-5 * np.abs(want[finite]).max())
+
+  w = rng.standard_normal((3, 3, 3, c_out)).astype(np.float32)
+  w[1, 1, 2, c_out - 1] = np.nan
+  w = jnp.asarray(w)
+  got = np.asarray(jax.jit(lambda x, w: native._call_forward(x, w, spec.stride, spec.padding))(x, w))
+  want = np.asarray(jax.jit(lambda x, w: conv_grads._xla_forward(x, w, spec))(x, w))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  finite = ~np.isnan(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5,
+                             atol=1e-5 * np.abs(want[finite]).max())
+
+
+@needs_native
 def test_native_weight_grad_large_dw_splits_rows():
   """dW over 512 KiB takes the other threading split (rows of dW per thread,
   every thread reading all positions) and chunks of few rows."""

@@ -169,18 +169,23 @@ struct Rows {             // the positions of one chunk
   int64_t b_col;          // dY stride between positions (C_out)
 };
 
-// acc (MR x V vectors) is loaded from c and stored back: the caller zeroes c
-// first where the tile starts a sum. GCC keeps the accumulators in registers
-// only when the loop body has no select on them and no masked loads (either
-// made it spill all of them every position), hence the separate TAIL variant
-// for a last vector narrower than 16 outputs.
-template <int MR, int V, bool TAIL>
+// acc (MR x V vectors) is loaded from c and stored back under the mask `last`
+// for its last vector: the caller zeroes c first where the tile starts a sum.
+// dY is read with full-width loads, so its rows must hold whole vectors (the
+// caller pads a dY whose C_out is not a multiple of 16). GCC keeps the
+// accumulators in registers only when the loops over them are fully unrolled
+// (hence the pragmas: without them the 24 x 1 tile kept its accumulators in
+// memory) and the loop body has no select on them and no masked loads (a
+// masked load in the loop made it store every accumulator at every position).
+template <int MR, int V>
 __attribute__((target("avx512f"))) void MicroTile(const Rows& r, float* c,
-                                                   int64_t ldc, __mmask16 tail) {
+                                                   int64_t ldc, __mmask16 last) {
   __m512 acc[MR][V];
+#pragma GCC unroll 32
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
-      acc[m][v] = _mm512_maskz_loadu_ps(v == V - 1 ? tail : 0xFFFF, c + m * ldc + 16 * v);
+      acc[m][v] = _mm512_maskz_loadu_ps(v == V - 1 ? last : 0xFFFF, c + m * ldc + 16 * v);
   // One flat loop with a per-position offset table: with a nested loop over
   // rows GCC stored and reloaded every accumulator once per row.
   const float* b = r.b0;
@@ -188,35 +193,36 @@ __attribute__((target("avx512f"))) void MicroTile(const Rows& r, float* c,
   for (int64_t t = 0; t < r.count; ++t) {
     const float* a = r.a0 + r.a_off[t];
     __m512 bv[V];
-    for (int v = 0; v < V; ++v)
-      bv[v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tail, b + 16 * v)
-                                   : _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) {
       __m512 av = _mm512_set1_ps(a[m]);
+#pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(av, bv[v], acc[m][v]);
     }
     b += b_col;
   }
+#pragma GCC unroll 32
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
-      _mm512_mask_storeu_ps(c + m * ldc + 16 * v, v == V - 1 ? tail : 0xFFFF, acc[m][v]);
+      _mm512_mask_storeu_ps(c + m * ldc + 16 * v, v == V - 1 ? last : 0xFFFF, acc[m][v]);
 }
 
 using TileFn = void (*)(const Rows&, float*, int64_t, __mmask16);
 
-template <int V, bool TAIL, int... M>
+template <int V, int... M>
 constexpr std::array<TileFn, sizeof...(M)> MakeTable(std::integer_sequence<int, M...>) {
-  return {&MicroTile<M + 1, V, TAIL>...};
+  return {&MicroTile<M + 1, V>...};
 }
 
 // Row counts per tile: V = 2 (32 outputs) keeps 12 x 2 accumulators, V = 1
 // keeps 24; both leave registers for the dY vectors and the broadcast.
 constexpr int kMaxRows1 = 24;
 constexpr int kMaxRows2 = 12;
-const auto kTiles1 = MakeTable<1, false>(std::make_integer_sequence<int, kMaxRows1>{});
-const auto kTiles2 = MakeTable<2, false>(std::make_integer_sequence<int, kMaxRows2>{});
-const auto kTiles1Tail = MakeTable<1, true>(std::make_integer_sequence<int, kMaxRows1>{});
-const auto kTiles2Tail = MakeTable<2, true>(std::make_integer_sequence<int, kMaxRows2>{});
+const auto kTiles1 = MakeTable<1>(std::make_integer_sequence<int, kMaxRows1>{});
+const auto kTiles2 = MakeTable<2>(std::make_integer_sequence<int, kMaxRows2>{});
 
 struct DwProblem {
   Geometry g;
@@ -242,7 +248,9 @@ void DwBlock(const DwProblem& p, int64_t k_lo, int64_t k_hi, int64_t r_lo,
       std::memset(c + (i * p.m + r_lo) * p.co, 0, (r_hi - r_lo) * p.co * sizeof(float));
   }
   thread_local std::vector<float> buf;
+  thread_local std::vector<float> dy_tail;
   std::vector<int64_t> a_off;
+  const float* dy_end = p.dy + g.n * g.ho * g.wo * p.co;
   for (int64_t k = k_lo; k < k_hi; ++k) {
     const Chunk& ch = p.chunks[k];
     const ChunkView view = ViewChunk(g, p.x, ch, p.padded, buf);
@@ -267,14 +275,23 @@ void DwBlock(const DwProblem& p, int64_t k_lo, int64_t k_hi, int64_t r_lo,
           // same r0 stepping.
           const int v = width > 16 ? 2 : 1;
           const int64_t last = width - 16 * (v - 1);
-          const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
-          const bool partial = last < 16;
-          Rows rows{view.base + r0, a_off.data(), dy0 + o0, count, p.co};
+          const __mmask16 mask = static_cast<__mmask16>((1u << last) - 1u);
           float* tile = c + (i * p.m + r0) * p.co + o0;
-          if (v == 2) {
-            (partial ? kTiles2Tail : kTiles2)[mr - 1](rows, tile, p.co, tail);
-          } else {
-            (partial ? kTiles1Tail : kTiles1)[mr - 1](rows, tile, p.co, tail);
+          const TileFn fn = v == 2 ? kTiles2[mr - 1] : kTiles1[mr - 1];
+          // The tile loads 16 * v floats of dY per position. Where C_out is not
+          // a multiple of 16 that reads into the next position (lanes that are
+          // never stored), which is in bounds except for the last positions
+          // of dY: those few are run from a zero-padded copy.
+          const int64_t room = dy_end - (dy0 + o0) - 16 * v;
+          const int64_t safe = room < 0 ? 0 : std::min(count, room / p.co + 1);
+          fn(Rows{view.base + r0, a_off.data(), dy0 + o0, safe, p.co}, tile, p.co, mask);
+          if (safe < count) {
+            dy_tail.assign((count - safe) * 16 * v, 0.0f);
+            for (int64_t t = safe; t < count; ++t)
+              std::memcpy(dy_tail.data() + (t - safe) * 16 * v, dy0 + t * p.co + o0,
+                          width * sizeof(float));
+            fn(Rows{view.base + r0, a_off.data() + safe, dy_tail.data(), count - safe, 16 * v},
+               tile, p.co, mask);
           }
         }
       }
@@ -365,54 +382,61 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // ---------------------------------------------------------------------------
 // LOAD: add to what y holds (a later block of the reduction) instead of
 // starting from zero; a template flag, since a runtime select on the
-// accumulators made GCC spill them.
-template <int MP, int V, bool TAIL, bool LOAD>
+// accumulators made GCC spill them. W is read with full-width loads (the
+// caller pads a W whose C_out is not a multiple of 16); y is loaded and
+// stored under the mask `last` for the last vector.
+template <int MP, int V, bool LOAD>
 __attribute__((target("avx512f"))) void FwdTile(const float* a, int64_t a_step,
                                                  int64_t a_krow, int64_t rows_i,
                                                  int64_t m, const float* w, int64_t w_krow,
                                                  int64_t ldw, float* y, int64_t ldy,
-                                                 __mmask16 tail) {
+                                                 __mmask16 last) {
   __m512 acc[MP][V];
+#pragma GCC unroll 16
   for (int mm = 0; mm < MP; ++mm)
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
-      acc[mm][v] = LOAD ? _mm512_maskz_loadu_ps(v == V - 1 ? tail : 0xFFFF, y + mm * ldy + 16 * v)
+      acc[mm][v] = LOAD ? _mm512_maskz_loadu_ps(v == V - 1 ? last : 0xFFFF, y + mm * ldy + 16 * v)
                         : _mm512_setzero_ps();
   for (int64_t i = 0; i < rows_i; ++i) {
     const float* ai = a + i * a_krow;
     const float* wi = w + i * w_krow;
     for (int64_t r = 0; r < m; ++r) {
       __m512 wv[V];
-      for (int v = 0; v < V; ++v)
-        wv[v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tail, wi + r * ldw + 16 * v)
-                                     : _mm512_loadu_ps(wi + r * ldw + 16 * v);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(wi + r * ldw + 16 * v);
+#pragma GCC unroll 16
       for (int mm = 0; mm < MP; ++mm) {
         __m512 av = _mm512_set1_ps(ai[mm * a_step + r]);
+#pragma GCC unroll 4
         for (int v = 0; v < V; ++v) acc[mm][v] = _mm512_fmadd_ps(av, wv[v], acc[mm][v]);
       }
     }
   }
+#pragma GCC unroll 16
   for (int mm = 0; mm < MP; ++mm)
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
-      _mm512_mask_storeu_ps(y + mm * ldy + 16 * v, v == V - 1 ? tail : 0xFFFF, acc[mm][v]);
+      _mm512_mask_storeu_ps(y + mm * ldy + 16 * v, v == V - 1 ? last : 0xFFFF, acc[mm][v]);
 }
 
 using FwdFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*,
                        int64_t, int64_t, float*, int64_t, __mmask16);
 
-template <int V, bool TAIL, bool LOAD, int... M>
+template <int V, bool LOAD, int... M>
 constexpr std::array<FwdFn, sizeof...(M)> MakeFwdTable(std::integer_sequence<int, M...>) {
-  return {&FwdTile<M + 1, V, TAIL, LOAD>...};
+  return {&FwdTile<M + 1, V, LOAD>...};
 }
 
 // Positions per tile for V output vectors: MP * V accumulators <= 24.
 constexpr int kFwdPositions[5] = {0, 16, 12, 8, 6};
 
-template <bool TAIL, bool LOAD>
+template <bool LOAD>
 struct FwdTables {
-  static constexpr auto t1 = MakeFwdTable<1, TAIL, LOAD>(std::make_integer_sequence<int, 16>{});
-  static constexpr auto t2 = MakeFwdTable<2, TAIL, LOAD>(std::make_integer_sequence<int, 12>{});
-  static constexpr auto t3 = MakeFwdTable<3, TAIL, LOAD>(std::make_integer_sequence<int, 8>{});
-  static constexpr auto t4 = MakeFwdTable<4, TAIL, LOAD>(std::make_integer_sequence<int, 6>{});
+  static constexpr auto t1 = MakeFwdTable<1, LOAD>(std::make_integer_sequence<int, 16>{});
+  static constexpr auto t2 = MakeFwdTable<2, LOAD>(std::make_integer_sequence<int, 12>{});
+  static constexpr auto t3 = MakeFwdTable<3, LOAD>(std::make_integer_sequence<int, 8>{});
+  static constexpr auto t4 = MakeFwdTable<4, LOAD>(std::make_integer_sequence<int, 6>{});
   static FwdFn Get(int v, int mp) {
     switch (v) {
       case 1: return t1[mp - 1];
@@ -423,9 +447,8 @@ struct FwdTables {
   }
 };
 
-FwdFn FwdKernel(int v, bool tail, bool load, int mp) {
-  if (tail) return load ? FwdTables<true, true>::Get(v, mp) : FwdTables<true, false>::Get(v, mp);
-  return load ? FwdTables<false, true>::Get(v, mp) : FwdTables<false, false>::Get(v, mp);
+FwdFn FwdKernel(int v, bool load, int mp) {
+  return load ? FwdTables<true>::Get(v, mp) : FwdTables<false>::Get(v, mp);
 }
 
 // Bytes of weight panel (reduction rows x output block) a tile streams: kept
@@ -456,8 +479,18 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int workers = NumWorkers(pool);
   const Geometry g{n, h, wi, ci, ho, wo, kh, kw, sh, sw, pad_top, pad_left, hp, wp};
   const bool padded = pad_top || pad_bottom || pad_left || pad_right;
-  const float* wt = w.typed_data();
   const int64_t m = kw * ci;
+  // The tiles load whole vectors of W: where C_out is not a multiple of 16,
+  // W is copied once with its rows zero-padded to one.
+  const int64_t ldw = (co + 15) / 16 * 16;
+  const float* wt = w.typed_data();
+  std::vector<float> w_pad;
+  if (ldw != co) {
+    w_pad.assign(kh * m * ldw, 0.0f);
+    for (int64_t r = 0; r < kh * m; ++r)
+      std::memcpy(w_pad.data() + r * ldw, wt + r * co, co * sizeof(float));
+    wt = w_pad.data();
+  }
 
   // Output-channel blocks of up to 64 (4 vectors); chunks of ~256 KiB of
   // padded input. One item = a chunk and all its blocks (the chunk padded
@@ -491,12 +524,11 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const int64_t width = std::min(block, co - o0);
       const int v = static_cast<int>((width + 15) / 16);
       const int64_t last = width - 16 * (v - 1);
-      const bool tail = last < 16;
       const __mmask16 mask = static_cast<__mmask16>((1u << last) - 1u);
       const int mp_max = kFwdPositions[v];
       for (size_t kb = 0; kb < kblocks.size(); ++kb) {
         const KBlock& blk = kblocks[kb];
-        const float* wblk = wt + (blk.i0 * m + blk.r0) * co + o0;
+        const float* wblk = wt + (blk.i0 * m + blk.r0) * ldw + o0;
         for (int64_t nn = ch.n0; nn < ch.n1; ++nn)
           for (int64_t pp = ch.p0; pp < ch.p1; ++pp) {
             const float* arow = view.base + (nn - ch.n0) * view.img_stride +
@@ -504,9 +536,9 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
             float* yrow = out + (nn * ho + pp) * wo * co + o0;
             for (int64_t q0 = 0; q0 < wo; q0 += mp_max) {
               const int mp = static_cast<int>(std::min<int64_t>(mp_max, wo - q0));
-              FwdKernel(v, tail, kb > 0, mp)(arow + q0 * sw * ci, sw * ci, view.row_stride,
-                                             blk.rows_i, blk.m, wblk, m * co, co,
-                                             yrow + q0 * co, co, mask);
+              FwdKernel(v, kb > 0, mp)(arow + q0 * sw * ci, sw * ci, view.row_stride,
+                                       blk.rows_i, blk.m, wblk, m * ldw, ldw,
+                                       yrow + q0 * co, co, mask);
             }
           }
       }
