@@ -14,8 +14,9 @@ issue 9's list) it measures, in one run:
     model built with `conv=flax.linen.Conv` (XLA autodiff of `lax.conv`); the two
     JAX contenders are timed in interleaved rounds, so a burst of load from other
     processes hits both alike. `--plain` adds a third JAX contender, plain Flax:
-    flax.linen.Conv *and* flax.linen's pooling, since `conv=` swaps only the
-    convolutions (the models' pooling layers are always ours otherwise);
+    flax.linen.Conv *and* flax.linen's pooling and BatchNorm, since `conv=`
+    swaps only the convolutions (the models' pooling and BatchNorm layers are
+    always ours otherwise);
   * the same step in PyTorch (same architecture, batch, float32, SGD momentum,
     weight decay on the same tensors), when torch is importable (see below);
   * the time to trace, lower and compile the first step (our ops, flax Conv);
@@ -283,16 +284,18 @@ _FlaxGlobalAvgPool.__name__ = 'GlobalAvgPool'
 
 @contextlib.contextmanager
 def _flax_pooling():
-  """While tracing: cnn_jax.nn.MaxPool/GlobalAvgPool -> flax.linen's pooling.
+  """While tracing: cnn_jax.nn.MaxPool/GlobalAvgPool -> flax.linen's pooling,
+  and cnn_jax.nn.BatchNorm (explicit backward) -> flax.linen.BatchNorm.
 
   The models look the layer classes up on the cnn_jax.nn module when called,
   so swapping them for the duration of the trace builds a plain-Flax program."""
-  saved = cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool
+  saved = cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool, cnn_jax.nn.BatchNorm
   cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool = _FlaxMaxPool, _FlaxGlobalAvgPool
+  cnn_jax.nn.BatchNorm = flax_nn.BatchNorm
   try:
     yield
   finally:
-    cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool = saved
+    cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool, cnn_jax.nn.BatchNorm = saved
 
 
 @dataclasses.dataclass
@@ -698,7 +701,7 @@ def main(argv=None):
   parser.add_argument('--pipeline_seconds', type=float, default=3.0,
                       help='how long to iterate each input pipeline')
   parser.add_argument('--plain', action='store_true',
-                      help='also time plain Flax (flax.linen Conv and pooling)')
+                      help='also time plain Flax (flax.linen Conv, pooling and BatchNorm)')
   parser.add_argument('--jax_only', action='store_true',
                       help='also time our ops with the native CPU kernels switched off '
                            '(contender ours-jax: the pure-JAX formulations)')

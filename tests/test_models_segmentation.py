@@ -373,7 +373,10 @@ def check_pixel_train_step_ours_vs_flax(name, num_classes, seed=1, redundant=Non
   assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
       jax.eval_shape(lambda x: ref.init(jax.random.key(0), x, train=False), x))
   out_ref, stats_ref, grads_ref = step(ref)
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+  # The tolerances of test_models_classic's check: the two convs sum in different
+  # orders, and BN over 2 examples of 2x2 maps scales the float32 differences up.
+  out_scale = float(np.max(np.abs(out_ref)))
+  np.testing.assert_allclose(out, out_ref, rtol=1e-4, atol=1e-5 * out_scale)
   for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
                               jax.tree_util.tree_leaves(grads_ref)):
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5 * max(scale, 1.0),

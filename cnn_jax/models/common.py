@@ -4,16 +4,18 @@ from __future__ import annotations
 import functools
 from typing import Tuple
 
-import flax.linen as nn
+from cnn_jax import nn as cnn_nn
 
 
 def batch_norm(train: bool, dtype=None, axis_name=None, epsilon: float = 1e-5):
-  """The BatchNorm partial a model builds once per call.
+  """The BatchNorm partial a model builds once per call: `cnn_jax.nn.BatchNorm`
+  (flax's layer with the explicit training-mode backward).
 
   momentum 0.9 is PyTorch's 0.1 (flax: new = m * old + (1 - m) * batch), so
   running statistics imported from torchvision keep their meaning.
   """
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+  # cnn_nn.BatchNorm is looked up per call, so a benchmark can swap in flax's layer.
+  return functools.partial(cnn_nn.BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=epsilon, dtype=dtype, axis_name=axis_name)
 
 

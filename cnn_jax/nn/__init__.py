@@ -4,7 +4,7 @@ from cnn_jax.nn.conv import (Conv, ConvTranspose, DepthwiseConv, SeparableConv,
                              SpatiallySeparableConv)
 from cnn_jax.nn.dropout import Dropout
 from cnn_jax.nn.initializers import get_initializer
-from cnn_jax.nn.normalization import LRN
+from cnn_jax.nn.normalization import LRN, BatchNorm
 from cnn_jax.nn.reshape import Flatten
 from cnn_jax.nn.pooling import (AvgPool, GlobalAvgPool, GlobalMaxPool, LpPool, MaxPool,
                                 MixedPool, SpatialPyramidPool, SumPool)
