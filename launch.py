@@ -16,7 +16,12 @@ Everything it calls is an importable library function.
 """
 import sys
 
-from absl import app
+# First, before any library starts a thread: XLA's per-step temporaries then
+# reuse mapped heap pages instead of faulting fresh ones every step.
+from cnn_jax import host as _host
+_host.keep_host_memory()
+
+from absl import app  # noqa: E402
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

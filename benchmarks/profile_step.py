@@ -44,6 +44,11 @@ from typing import Dict, Iterable, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
+# First, before numpy or jax start a thread (cnn_jax/host.py), as launch.py does.
+from cnn_jax import host as _host  # noqa: E402
+if __name__ == '__main__' and '--default_malloc' not in sys.argv:
+  _host.keep_host_memory()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -121,6 +126,9 @@ def main(argv=None):
   parser.add_argument('--top', type=int, default=20, help='single instructions to list')
   parser.add_argument('--trace_dir', default=None,
                       help='keep the trace here (default: a temp dir, removed)')
+  parser.add_argument('--default_malloc', action='store_true',
+                      help="leave glibc's malloc settings as they are (default: keep freed "
+                           "host memory, as launch.py and benchmarks/train.py do; read at import)")
   args = parser.parse_args(argv)
   if args.model not in bench_train.CASES_BY_KEY:
     parser.error(f'unknown --model {args.model!r}; choose from {list(bench_train.CASES_BY_KEY)}')

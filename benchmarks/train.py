@@ -64,6 +64,13 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # torch_twins
 if os.environ.get('CNN_JAX_TORCH_SITE'):
   sys.path.append(os.environ['CNN_JAX_TORCH_SITE'])
 
+# Before numpy, jax or torch start a thread (cnn_jax/host.py), as launch.py
+# does: freed host memory stays mapped. Both runtimes run in this process
+# under the same settings. --default_malloc leaves glibc's defaults.
+from cnn_jax import host as cnn_host  # noqa: E402
+_KEPT_HOST_MEMORY = (__name__ == '__main__' and '--default_malloc' not in sys.argv
+                     and cnn_host.keep_host_memory())
+
 import flax.linen as flax_nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -712,7 +719,11 @@ def main(argv=None):
                       help='tfds data dir for the embedded digits (default: a temp dir)')
   parser.add_argument('--quick', action='store_true',
                       help='smoke run: 2 timed steps, 1 warm-up, 0.5 s of pipeline')
+  parser.add_argument('--default_malloc', action='store_true',
+                      help="leave glibc's malloc settings as they are (by default the run "
+                           "keeps freed host memory, as launch.py does: cnn_jax/host.py)")
   args = parser.parse_args(argv)
+  kept = _KEPT_HOST_MEMORY and not args.default_malloc
   if args.quick:
     args.steps, args.warmup, args.pipeline_seconds = 2, 1, 0.5
   keys = [k.strip() for k in args.models.split(',') if k.strip()]
@@ -725,7 +736,9 @@ def main(argv=None):
         f'torch {torch.__version__ if torch is not None else "not importable"}'
         f'{" (skipped)" if torch is not None and args.no_torch else ""}; '
         f'median of {args.steps or "5-20"} steps after {args.warmup} warm-up; load average '
-        f'{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}.\n', flush=True)
+        f'{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; freed host memory '
+        f'{"kept (cnn_jax/host.py)" if kept else "returned (malloc defaults)"}.\n',
+        flush=True)
   tfds.disable_progress_bar()
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds' notes while preparing digits
   tmp = None
