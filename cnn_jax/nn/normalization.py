@@ -14,9 +14,9 @@ class BatchNorm(nn.BatchNorm):
   Same fields, variables ('params': scale, bias; 'batch_stats': mean, var),
   initialization and results (to float32 rounding), so checkpoints and code
   written for flax's layer carry over, and `isinstance(m, flax.linen.BatchNorm)`
-  holds. In training mode on float32, channels-last input it computes the
-  statistics in one pass and backpropagates with the explicit formulas of
-  `cnn_jax.ops.batch_norm` instead of autodiff of the forward graph. Every
+  holds. In training mode on float32, channels-last input it runs
+  `cnn_jax.ops.batch_norm`: the same statistics, and the explicit backward
+  formulas instead of autodiff of the forward graph. Every
   other case -- running averages (evaluation), init, a mask, axis_index_groups,
   another feature axis, use_fast_variance=False, other dtypes -- is flax's own
   code path.
