@@ -292,17 +292,21 @@ _FlaxGlobalAvgPool.__name__ = 'GlobalAvgPool'
 @contextlib.contextmanager
 def _flax_pooling():
   """While tracing: cnn_jax.nn.MaxPool/GlobalAvgPool -> flax.linen's pooling,
-  and cnn_jax.nn.BatchNorm (explicit backward) -> flax.linen.BatchNorm.
+  cnn_jax.nn.BatchNorm and cnn_jax.nn.Dense (explicit backwards) ->
+  flax.linen.BatchNorm and flax.linen.Dense.
 
   The models look the layer classes up on the cnn_jax.nn module when called,
   so swapping them for the duration of the trace builds a plain-Flax program."""
-  saved = cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool, cnn_jax.nn.BatchNorm
-  cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool = _FlaxMaxPool, _FlaxGlobalAvgPool
-  cnn_jax.nn.BatchNorm = flax_nn.BatchNorm
+  names = ('MaxPool', 'GlobalAvgPool', 'BatchNorm', 'Dense')
+  saved = [getattr(cnn_jax.nn, k) for k in names]
+  for k, layer in zip(names, (_FlaxMaxPool, _FlaxGlobalAvgPool, flax_nn.BatchNorm,
+                              flax_nn.Dense)):
+    setattr(cnn_jax.nn, k, layer)
   try:
     yield
   finally:
-    cnn_jax.nn.MaxPool, cnn_jax.nn.GlobalAvgPool, cnn_jax.nn.BatchNorm = saved
+    for k, layer in zip(names, saved):
+      setattr(cnn_jax.nn, k, layer)
 
 
 @dataclasses.dataclass
@@ -333,7 +337,7 @@ def build_jax(c: JaxContender, case: Case, batch0: Dict[str, jax.Array]):
     t0 = time.perf_counter()
     c.step = step.lower(state, batch0).compile()
     c.compile_s = time.perf_counter() - t0
-  if c.no_native and 'cnn_jax_conv2d' in c.step.as_text():
+  if c.no_native and 'cnn_jax_' in c.step.as_text():
     raise RuntimeError(f'{c.name}: the native kernels were traced in despite native.disabled()')
   c.flops = compiled_flops(c.step)
   c.state = state
@@ -708,7 +712,7 @@ def main(argv=None):
   parser.add_argument('--pipeline_seconds', type=float, default=3.0,
                       help='how long to iterate each input pipeline')
   parser.add_argument('--plain', action='store_true',
-                      help='also time plain Flax (flax.linen Conv, pooling and BatchNorm)')
+                      help='also time plain Flax (flax.linen Conv, pooling, BatchNorm and Dense)')
   parser.add_argument('--jax_only', action='store_true',
                       help='also time our ops with the native CPU kernels switched off '
                            '(contender ours-jax: the pure-JAX formulations)')

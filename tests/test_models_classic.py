@@ -374,10 +374,14 @@ def test_forward_backward_same_with_flax_conv(case):
   assert len(flat1) == len(flat2) == len(jax.tree_util.tree_leaves(params))
   # Some gradients are exactly zero in exact arithmetic (a conv bias followed
   # by BatchNorm; ffcnn's bn2d beta, whose routed sum cancels over the batch
-  # because bn1d's input gradient sums to zero). Both sides then hold float32
-  # rounding noise summed in different orders (our kernels vs XLA's), so the
-  # tolerance has a floor relative to the largest gradient of the model.
-  floor = 1e-5 * max(float(np.abs(np.asarray(b)).max()) for b in flat2)
+  # because bn1d's input gradient sums to zero) or nearly so (ffcnn's conv1
+  # bias, through conv2 and BatchNorm over 4 examples). Both sides then hold
+  # float32 rounding of much larger terms, summed in different orders (our
+  # kernels vs XLA's), so the tolerance has a floor relative to the largest
+  # gradient of the model. Measured for conv1's bias (fast_compile: XLA's
+  # optimisations off): XLA alone and ours alone are each ~2e-4 from the
+  # float64 value, 1e-5 of the model's largest gradient.
+  floor = 1e-4 * max(float(np.abs(np.asarray(b)).max()) for b in flat2)
   for (path, a), b in zip(flat1, flat2):
     where = jax.tree_util.keystr(path)
     assert np.abs(np.asarray(a)).max() > 0, f'no gradient reaches {where}'

@@ -359,10 +359,15 @@ def test_switch_off_by_environment(monkeypatch):
 
 
 def test_cache_key_follows_the_source(monkeypatch, tmp_path):
-  """An edited kernel source gets a new library path (never a stale build)."""
+  """An edited kernel source or header gets a new library path (never a stale
+  build)."""
   cxx = native._compiler() or shutil.which('sh')
   key = native._key(cxx)
-  src = tmp_path / 'conv_cpu.cc'
-  src.write_bytes(native._SRC.read_bytes() + b'\n// edited\n')
-  monkeypatch.setattr(native, '_SRC', src)
-  assert native._key(cxx) != key
+  for attr in ('_SOURCES', '_HEADERS'):
+    files = getattr(native, attr)
+    edited = tmp_path / files[-1].name
+    edited.write_bytes(files[-1].read_bytes() + b'\n// edited\n')
+    with monkeypatch.context() as m:
+      m.setattr(native, attr, files[:-1] + (edited,))
+      assert native._key(cxx) != key, attr
+  assert native._key(cxx) == key

@@ -764,3 +764,58 @@ def test_errors_are_raised_while_tracing():
   """Shape errors come from Python at trace time, never from XLA."""
   with pytest.raises(ValueError, match='larger than the padded input'):
     jax.jit(lambda v: max_pool(v, 7)).lower(jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# The native routing kernel (cnn_jax/ops/csrc/pool_cpu.cc)
+# ----------------------------------------------------------------------------
+
+native = pytest.importorskip('cnn_jax.ops.native')
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f'native kernels not available: {native.unavailable_reason()}')
+
+
+@needs_native
+@pytest.mark.parametrize('shape,window,stride,padding', [
+    ((4, 28, 28, 6), 2, 2, 'VALID'),           # LeNet's S2: windows tile the input
+    ((2, 9, 9, 5), 3, 2, 'SAME'),              # overlapping windows, padding
+    ((3, 8, 8, 17), 3, 1, 'SAME'),
+    ((2, 11, 3), 3, 2, 'VALID'),               # 1-D
+    ((1, 5, 4, 6, 2), 2, 1, 'SAME'),           # 3-D
+])
+def test_native_routing_equals_xla_scatter(shape, window, stride, padding):
+  """max_pool's backward through the native loop gives XLA's scatter-add (the
+  same sums where windows overlap), and is what the program calls."""
+  x = jnp.asarray(np.random.default_rng(40).standard_normal(shape), jnp.float32)
+  loss = lambda v: jnp.sum(jnp.sin(3.0 * max_pool(v, window, stride, padding)))
+  step = jax.jit(jax.grad(loss))
+  got = step(x)
+  assert 'cnn_jax_scatter_add_rows' in step.lower(x).as_text()
+  with native.disabled():
+    plain = jax.jit(jax.grad(loss))
+    assert 'cnn_jax_scatter_add_rows' not in plain.lower(x).as_text()
+    want = plain(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  # Second order goes through the routing's JVP (a scatter whose transpose is a gather).
+  hess = lambda v: jnp.sum(jax.grad(loss)(v) ** 2)
+  got2 = jax.grad(hess)(x)
+  with native.disabled():
+    want2 = jax.grad(hess)(x)
+  np.testing.assert_allclose(np.asarray(got2), np.asarray(want2), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_unpool_drops_switches_outside_the_output():
+  y = jnp.asarray(np.arange(1, 13, dtype=np.float32).reshape(1, 6, 2))
+  sw = jnp.asarray(np.array([[[0, 1], [9, 2], [-1, 2], [3, 100], [3, 0], [4, 5]]], np.int32))
+  got = jax.jit(lambda y, s: max_unpool(y, s, (5,)))(y, sw)
+  with native.disabled():
+    want = jax.jit(lambda y, s: max_unpool(y, s, (5,)))(y, sw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(got)[0, :, 0], [1, 0, 0, 7 + 9, 11])
+
+
+def test_routing_outside_float32_stays_in_xla():
+  x = jnp.asarray(np.random.default_rng(41).standard_normal((2, 6, 6, 3)), jnp.bfloat16)
+  text = jax.jit(jax.grad(lambda v: jnp.sum(max_pool(v, 2).astype(jnp.float32)))).lower(x).as_text()
+  assert 'cnn_jax_scatter_add_rows' not in text

@@ -104,12 +104,12 @@ class AblationCNN(nn.Module):
       self.sow('intermediates', f'stage{i}', x)
     x = cnn.GlobalAvgPool()(x) if self.global_pool else x.reshape(x.shape[0], -1)
     if self.fc_features:
-      x = act(nn.Dense(self.fc_features, dtype=self.dtype, name='fc_hidden')(x))
+      x = act(cnn.Dense(self.fc_features, dtype=self.dtype, name='fc_hidden')(x))
     self.sow('intermediates', 'pre_logits', x)
     if self.dropout_rate:
       x = cnn.Dropout(self.dropout_rate, deterministic=not train,
                       axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 def _check_padding(padding, kernels):
@@ -148,9 +148,9 @@ class MLP(nn.Module):
     act = activations.get_activation(self.activation)
     x = x.reshape(x.shape[0], -1)
     for i, units in enumerate(self.hidden, start=1):
-      x = act(nn.Dense(units, dtype=self.dtype, name=f'dense{i}')(x))
+      x = act(cnn.Dense(units, dtype=self.dtype, name=f'dense{i}')(x))
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 registry.register('ablation_cnn', AblationCNN, family='ablation', input_shape=(32, 32, 1),

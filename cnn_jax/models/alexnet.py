@@ -207,7 +207,7 @@ class AlexNet(nn.Module):
 
     dropout = functools.partial(cnn.Dropout, self.dropout_rate, deterministic=not train,
                                 axis_name=self.axis_name)
-    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    dense = functools.partial(cnn.Dense, dtype=self.dtype)
     for j in (1, 2):
       if self.dropout_before_fc:
         x = dropout(name=f'dropout{j}')(x)

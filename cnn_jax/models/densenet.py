@@ -142,7 +142,7 @@ class DenseNet(nn.Module):
     x = nn.relu(norm(name='bn_final')(x))
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 # depth: (block_config, growth_rate, num_init_features) — Huang et al. Table 1.

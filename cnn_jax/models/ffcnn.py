@@ -61,10 +61,10 @@ class ExampleFFCNN(nn.Module):
     x = cnn.MaxPool(2, name='maxpool')(x)
     self.sow('intermediates', 'stage1', x)
     x = cnn.Flatten(name='flatten')(x)
-    x = nn.Dense(10, dtype=self.dtype, name='fc1')(x)
+    x = cnn.Dense(10, dtype=self.dtype, name='fc1')(x)
     x = norm(name='bn1d')(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='out')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='out')(x)
 
 
 registry.register(

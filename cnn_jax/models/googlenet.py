@@ -193,10 +193,10 @@ class AuxHead(nn.Module):
     x = ConvUnit(self.features[0], 1, conv=self.conv, norm=self.norm, dtype=self.dtype,
                  name='conv')(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.features[1], kernel_init=_XAVIER, dtype=self.dtype,
+    x = nn.relu(cnn.Dense(self.features[1], kernel_init=_XAVIER, dtype=self.dtype,
                          name='fc1')(x))
     x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc2')(x)
+    return cnn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc2')(x)
 
 
 class GoogLeNet(nn.Module):
@@ -291,7 +291,7 @@ class GoogLeNet(nn.Module):
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
     x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, kernel_init=_XAVIER, dtype=self.dtype, name='fc')(x)
 
 
 GoogLeNetBN = functools.partial(GoogLeNet, batch_norm=True, lrn=False, conv5x5_kernel=3,

@@ -51,8 +51,8 @@ class HighwayDense(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    h = self.act(nn.Dense(c, dtype=self.dtype, name='H')(x))
-    t = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='T',
+    h = self.act(cnn.Dense(c, dtype=self.dtype, name='H')(x))
+    t = nn.sigmoid(cnn.Dense(c, dtype=self.dtype, name='T',
                             bias_init=nn.initializers.constant(self.gate_bias))(x))
     return highway(h, t, x)
 
@@ -94,12 +94,12 @@ class HighwayMLP(nn.Module):
   def __call__(self, x, *, train: bool):
     del train   # no BN or dropout
     x = x.reshape((x.shape[0], -1))
-    x = self.act(nn.Dense(self.width, dtype=self.dtype, name='dense_init')(x))
+    x = self.act(cnn.Dense(self.width, dtype=self.dtype, name='dense_init')(x))
     self.sow('intermediates', 'stem', x)
     for i in range(self.depth):
       x = HighwayDense(self.act, self.gate_bias, self.dtype, name=f'highway{i + 1}')(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 class HighwayCNN(nn.Module):
@@ -138,7 +138,7 @@ class HighwayCNN(nn.Module):
       self.sow('intermediates', f'stage{i + 1}', x)
     x = cnn.GlobalAvgPool()(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 # Test-only variants.

@@ -227,11 +227,11 @@ class LeNet5(nn.Module):
     # C5 is a conv: a full layer on 5x5 maps, but still a conv on larger inputs.
     x = act(conv(120, padding='VALID', name='c5')(x))
     x = x.reshape(x.shape[0], -1)
-    x = act(nn.Dense(84, dtype=self.dtype, name='f6')(x))
+    x = act(cnn.Dense(84, dtype=self.dtype, name='f6')(x))
     self.sow('intermediates', 'pre_logits', x)
     if self.head == 'rbf':
       return RBFOutput(self.num_classes, name='output')(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='output')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='output')(x)
 
 
 registry.register(

@@ -155,7 +155,7 @@ class MobileNetV1(nn.Module):
     if self.dropout_rate:
       x = cnn.Dropout(self.dropout_rate, deterministic=not train,
                       axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 class MobileNetV2(nn.Module):
@@ -210,7 +210,7 @@ class MobileNetV2(nn.Module):
     if self.dropout_rate:
       x = cnn.Dropout(self.dropout_rate, deterministic=not train,
                       axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 # Test-only: a few thin blocks, so a real forward/backward is cheap.

@@ -262,7 +262,7 @@ def _head(mdl, x, norm):
     x = nn.relu(norm(name='bn_final')(x))
   x = cnn.GlobalAvgPool()(x)
   mdl.sow('intermediates', 'pre_logits', x)
-  return nn.Dense(mdl.num_classes, dtype=mdl.dtype, name='fc')(x)
+  return cnn.Dense(mdl.num_classes, dtype=mdl.dtype, name='fc')(x)
 
 
 class ResNet(nn.Module):

@@ -70,7 +70,7 @@ class CNN1D(nn.Module):
     else:
       x = cnn.GlobalMaxPool()(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 class TextCNN(nn.Module):
@@ -117,7 +117,7 @@ class TextCNN(nn.Module):
     x = jnp.concatenate(pooled, axis=-1)
     self.sow('intermediates', 'pre_logits', x)
     x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
 
 
 # Test-only variants.

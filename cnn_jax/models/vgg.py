@@ -88,12 +88,12 @@ class VGG(nn.Module):
     x = AdaptiveAvgPool(tuple(self.pool_size), name='avgpool')(x)
     x = x.reshape(x.shape[0], -1)
     for j in (1, 2):
-      x = ops.relu(nn.Dense(self.fc_features, dtype=self.dtype, name=f'fc{j}')(x))
+      x = ops.relu(cnn.Dense(self.fc_features, dtype=self.dtype, name=f'fc{j}')(x))
       if j == 2:
         self.sow('intermediates', 'pre_logits', x)
       x = cnn.Dropout(self.dropout_rate, deterministic=not train, axis_name=self.axis_name,
                       name=f'dropout{j}')(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
+    return cnn.Dense(self.num_classes, dtype=self.dtype, name='fc3')(x)
 
 
 for _depth, _cfg in _DEPTHS.items():

@@ -90,9 +90,9 @@ class YOLO(nn.Module):
       self.out = cnn.Conv(self.per_cell, (1, 1), dtype=self.dtype)
     else:
       s = self.grid_size
-      self.fc1 = nn.Dense(self.fc_features, dtype=self.dtype)
+      self.fc1 = cnn.Dense(self.fc_features, dtype=self.dtype)
       self.drop = cnn.Dropout(self.dropout_rate, axis_name=self.axis_name)
-      self.fc2 = nn.Dense(s * s * self.per_cell, dtype=self.dtype)
+      self.fc2 = cnn.Dense(s * s * self.per_cell, dtype=self.dtype)
 
   def _features(self, x, train: bool):
     """The backbone's map at feature_layer, or where it stops being spatial."""

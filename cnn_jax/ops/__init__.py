@@ -6,6 +6,7 @@ equations in its docstring.
 """
 from cnn_jax.ops.shapes import output_size, resolve_padding
 from cnn_jax.ops.conv import conv, conv_transpose, true_convolution
+from cnn_jax.ops.dense import dense, matmul
 from cnn_jax.ops.im2col import col2im, conv_matmul, im2col
 from cnn_jax.ops.lrn import lrn
 from cnn_jax.ops.activations import (

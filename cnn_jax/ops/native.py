@@ -20,6 +20,13 @@ dilation 1 and a kernel larger than 1x1, in float32, on CPU, when:
   * it is not switched off: CNN_JAX_NATIVE=0 in the environment, or
     `with native.disabled():` around tracing.
 
+The same library holds two more sets of kernels, each behind its own fixed rule:
+`csrc/dense_cpu.cc`, the fully connected layer's Y = X W, dX = dY W^T and
+dW = X^T dY for batches of at most 32 rows (`cnn_jax/ops/dense.py`), and
+`csrc/pool_cpu.cc`, max pooling's backward routing dX[q] = sum of dY over the
+windows whose switch is q (`cnn_jax/ops/pooling.py`). `csrc/parallel.h` shares
+the work between XLA's pool threads for all of them.
+
 On GPU and TPU nothing changes: the call sits in a `lax.platform_dependent`
 whose non-CPU branch is the JAX formulation. The kernel's own VJP is defined
 (dW is bilinear in X and dY), so second-order gradients through a convolution
@@ -42,10 +49,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SRC = Path(__file__).parent / 'csrc' / 'conv_cpu.cc'
+_CSRC = Path(__file__).parent / 'csrc'
+_SOURCES = (_CSRC / 'conv_cpu.cc', _CSRC / 'dense_cpu.cc', _CSRC / 'pool_cpu.cc')
+_HEADERS = (_CSRC / 'parallel.h',)
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
 _TARGET = 'cnn_jax_conv2d_weight_grad'
 _TARGET_FORWARD = 'cnn_jax_conv2d_forward'
+_TARGET_DENSE = {'forward': ('cnn_jax_dense_forward', 'CnnDenseForward'),
+                 'input_grad': ('cnn_jax_dense_input_grad', 'CnnDenseInputGrad'),
+                 'weight_grad': ('cnn_jax_dense_weight_grad', 'CnnDenseWeightGrad')}
+_TARGET_SCATTER = 'cnn_jax_scatter_add_rows'
 
 _lock = threading.Lock()
 _state: dict = {}          # 'lib', 'error' once loading has been attempted
@@ -71,8 +84,8 @@ def cache_dir() -> Path:
 def _key(cxx: str) -> str:
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
   h = hashlib.sha256()
-  for part in (_SRC.read_bytes(), ' '.join(_FLAGS).encode(), version.encode(),
-               jax.__version__.encode(), jax.ffi.include_dir().encode()):
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), ' '.join(_FLAGS).encode(),
+               version.encode(), jax.__version__.encode(), jax.ffi.include_dir().encode()):
     h.update(part)
     h.update(b'\0')
   return h.hexdigest()[:16]
@@ -105,11 +118,11 @@ def build(force: bool = False) -> Path:
   # a half-written library.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SRC), '-o', tmp]
+  cmd = [cxx, *_FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, _SOURCES), '-o', tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
-    raise NativeBuildError(f'compiling {_SRC} failed ({" ".join(cmd)}):\n{proc.stderr[-4000:]}')
+    raise NativeBuildError(f'compiling {_CSRC} failed ({" ".join(cmd)}):\n{proc.stderr[-4000:]}')
   os.replace(tmp, path)
   return path
 
@@ -133,6 +146,11 @@ def _load():
               _TARGET, jax.ffi.pycapsule(lib.CnnConv2dWeightGrad), platform='cpu')
           jax.ffi.register_ffi_target(
               _TARGET_FORWARD, jax.ffi.pycapsule(lib.CnnConv2dForward), platform='cpu')
+          for target, symbol in _TARGET_DENSE.values():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+          jax.ffi.register_ffi_target(
+              _TARGET_SCATTER, jax.ffi.pycapsule(lib.CnnScatterAddRows), platform='cpu')
       except (NativeBuildError, OSError) as e:
         lib, error = None, str(e)
     if error:
@@ -208,6 +226,39 @@ def _call_forward(x, w, stride, padding):
   return jax.ffi.ffi_call(_TARGET_FORWARD, out, vmap_method='sequential')(
       x, w, sh=np.int64(stride[0]), sw=np.int64(stride[1]), pad_top=np.int64(pt),
       pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr))
+
+
+
+def supports_dense(a, b) -> bool:
+  """The shape class of the native dense products: two float32 matrices."""
+  return a.ndim == 2 and b.ndim == 2 and a.dtype == jnp.float32 and b.dtype == jnp.float32
+
+
+def _call_dense(product, a, b):
+  """One product of the fully connected layer by its native kernel:
+  'forward' X (M, K) @ W (K, N); 'input_grad' dY (M, N) @ W^T;
+  'weight_grad' X^T @ dY (K, N)."""
+  if product == 'forward':
+    shape = (a.shape[0], b.shape[1])
+  elif product == 'input_grad':
+    shape = (a.shape[0], b.shape[0])
+  else:
+    shape = (a.shape[1], b.shape[1])
+  return jax.ffi.ffi_call(_TARGET_DENSE[product][0], jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method='sequential')(a, b)
+
+
+def supports_scatter_add_rows(values, switches) -> bool:
+  """The class of the native routing: float32 values, int32 switches."""
+  return values.dtype == jnp.float32 and switches.dtype == jnp.int32
+
+
+def _call_scatter_add_rows(values, switches, q: int):
+  """out[n, s, c] = sum of values[n, p, c] over p with switches[n, p, c] = s, for
+  values and switches (N, P, C) and out (N, q, C); switches outside [0, q) are
+  dropped."""
+  out = jax.ShapeDtypeStruct((values.shape[0], q, values.shape[2]), jnp.float32)
+  return jax.ffi.ffi_call(_TARGET_SCATTER, out, vmap_method='sequential')(values, switches)
 
 
 def main():

@@ -39,56 +39,15 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// ---------------------------------------------------------------------------
-// Work sharing on XLA's pool: the caller takes part, so a busy pool only costs
-// parallelism, never progress (a task that starts after all items are claimed
-// returns without touching the caller's data).
-// ---------------------------------------------------------------------------
-struct SharedWork {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<int> workers{0};
-  int64_t count = 0;
-  std::function<void(int64_t item, int worker)> fn;
-};
-
-void RunItems(SharedWork* w) {
-  int worker = -1;
-  for (;;) {
-    int64_t item = w->next.fetch_add(1, std::memory_order_relaxed);
-    if (item >= w->count) return;
-    if (worker < 0) worker = w->workers.fetch_add(1, std::memory_order_relaxed);
-    w->fn(item, worker);
-    w->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Runs fn(item, worker) for item in [0, count); worker ids are < max_workers.
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, int max_workers,
-                 std::function<void(int64_t, int)> fn) {
-  auto work = std::make_shared<SharedWork>();
-  work->count = count;
-  work->fn = std::move(fn);
-  int helpers = std::min<int64_t>(max_workers - 1, count - 1);
-  for (int t = 0; t < helpers; ++t) {
-    pool.Schedule([work]() { RunItems(work.get()); });
-  }
-  RunItems(work.get());
-  while (work->done.load(std::memory_order_acquire) < count) {
-    std::this_thread::yield();
-  }
-}
-
-int NumWorkers(ffi::ThreadPool& pool) {
-  int64_t n = pool.num_threads();
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, 64)));
-}
+using cnn_native::NumWorkers;
+using cnn_native::ParallelFor;
 
 // ---------------------------------------------------------------------------
 // Chunks of the input, zero-padded in a per-thread buffer that stays in cache
