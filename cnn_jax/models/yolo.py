@@ -86,7 +86,7 @@ class YOLO(nn.Module):
     if self.head == 'conv':
       self.conv = cnn.Conv(self.head_features, (3, 3), padding='SAME', use_bias=False,
                            dtype=self.dtype)
-      self.bn = nn.BatchNorm(**bn)
+      self.bn = cnn.BatchNorm(**bn)
       self.out = cnn.Conv(self.per_cell, (1, 1), dtype=self.dtype)
     else:
       s = self.grid_size
