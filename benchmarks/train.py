@@ -14,9 +14,9 @@ issue 9's list) it measures, in one run:
     model built with `conv=flax.linen.Conv` (XLA autodiff of `lax.conv`); the two
     JAX contenders are timed in interleaved rounds, so a burst of load from other
     processes hits both alike. `--plain` adds a third JAX contender, plain Flax:
-    flax.linen.Conv *and* flax.linen's pooling and BatchNorm, since `conv=`
-    swaps only the convolutions (the models' pooling and BatchNorm layers are
-    always ours otherwise);
+    flax.linen.Conv *and* flax.linen's pooling, BatchNorm and Dense, since
+    `conv=` swaps only the convolutions (the models' pooling, BatchNorm and
+    Dense layers are always ours otherwise);
   * the same step in PyTorch (same architecture, batch, float32, SGD momentum,
     weight decay on the same tensors), when torch is importable (see below);
   * the time to trace, lower and compile the first step (our ops, flax Conv);

@@ -63,15 +63,9 @@ def uses_native(rows: int, a, b) -> bool:
   return (rows <= NATIVE_MAX_ROWS and native.supports_dense(a, b) and native.available())
 
 
-def _native_cpu(a, b, *, product):
-  if native.available():
-    return native._call_dense(product, a, b)
-  return _xla(product, a, b)
-
-
 def _native(product, a, b):
   return lax.platform_dependent(
-      a, b, cpu=functools.partial(_native_cpu, product=product),
+      a, b, cpu=functools.partial(native._call_dense, product),
       default=functools.partial(_xla, product))
 
 
@@ -96,13 +90,13 @@ def weight_grad(x, dy):
   return _xla('weight_grad', x, dy)
 
 
-def _native_product(product, cotangents):
-  """The native `product` as a custom_vjp: cotangents(a, b, g) gives the
-  cotangents of its two operands for a cotangent g of its output."""
+def _with_vjp(primal, cotangents):
+  """primal(a, b) as a custom_vjp: cotangents(a, b, g) gives the cotangents of
+  its two operands for a cotangent g of its output."""
 
   @jax.custom_vjp
   def f(a, b):
-    return _native(product, a, b)
+    return primal(a, b)
 
   def f_fwd(a, b):
     return f(a, b), (a, b)
@@ -116,39 +110,30 @@ def _native_product(product, cotangents):
   return f
 
 
-# With cotangent G of the output (each is bilinear, so its cotangents are the
-# other two products):
-#   Y  = X W     -> dX = G W^T,  dW = X^T G
+# With cotangent G of the output (each product is bilinear, so its cotangents
+# are the other two products):
+#   Y  = X W     -> dX = G W^T,  dW = X^T G      (the notes' backward)
 #   dX = dY W^T  -> d dY = G W,  dW = G^T dY
 #   dW = X^T dY  -> dX = dY G^T, d dY = X G
-_forward_native = _native_product(
-    'forward', lambda x, w, g: (input_grad(g, w), weight_grad(x, g)))
-_input_grad_native = _native_product(
-    'input_grad', lambda dy, w, g: (forward(g, w), weight_grad(g, dy)))
-_weight_grad_native = _native_product(
-    'weight_grad', lambda x, dy, g: (input_grad(dy, g), forward(x, g)))
+def _forward_cotangents(x, w, g):
+  return input_grad(g, w), weight_grad(x, g)
 
 
-@jax.custom_vjp
+_forward_native = _with_vjp(functools.partial(_native, 'forward'), _forward_cotangents)
+_input_grad_native = _with_vjp(functools.partial(_native, 'input_grad'),
+                               lambda dy, w, g: (forward(g, w), weight_grad(g, dy)))
+_weight_grad_native = _with_vjp(functools.partial(_native, 'weight_grad'),
+                                lambda x, dy, g: (input_grad(dy, g), forward(x, g)))
+_matmul = _with_vjp(forward, _forward_cotangents)
+
+
 def matmul(x, w):
   """X W for X (M, K) and W (K, N), with the backward dX = dY W^T, dW = X^T dY.
 
   Each of the three products goes to the native CPU kernel or to XLA by the rule
   in the module docstring."""
   _check(x, w)
-  return forward(x, w)
-
-
-def _matmul_fwd(x, w):
-  return matmul(x, w), (x, w)
-
-
-def _matmul_bwd(res, dy):
-  x, w = res
-  return input_grad(dy, w).astype(x.dtype), weight_grad(x, dy).astype(w.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+  return _matmul(x, w)
 
 
 def _check(x, w):

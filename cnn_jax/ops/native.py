@@ -228,7 +228,6 @@ def _call_forward(x, w, stride, padding):
       pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr))
 
 
-
 def supports_dense(a, b) -> bool:
   """The shape class of the native dense products: two float32 matrices."""
   return a.ndim == 2 and b.ndim == 2 and a.dtype == jnp.float32 and b.dtype == jnp.float32
